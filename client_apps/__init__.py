@@ -1,0 +1,1 @@
+"""ClientApps of hetfed; a scenario names one in its pyproject.toml."""

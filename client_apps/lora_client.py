@@ -1,0 +1,157 @@
+"""The hetfed ClientApp: report a device budget, train the adapter it is sent, return it.
+
+One process (a Ray worker in simulation, a SuperNode's app process in deployment) keeps ONE
+frozen base model in a module-level cache and swaps small adapters in and out; tokenized
+partitions are cached too. A node learns its tier from ``--node-config`` (``tier='phone'``) or,
+in simulation, from its partition id and the profile's assignment.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from hetfed import wire
+from hetfed.adapters import AdapterHost, LoraSpec
+from hetfed.config import RunSettings, parse_run_config
+from hetfed.data import DataConfig, load_partition, load_splits
+from hetfed.errors import ConfigError
+from hetfed.models import cached_classifier
+from hetfed.profiles import DeviceProfiles, Tier, parse_profiles
+from hetfed.rank_pruning import keep_rank, tail_penalty, tail_score
+from hetfed.training import Encoded, encode, train_steps
+
+app = ClientApp()
+
+# node-config keys a SuperNode may set (simulation sets the first two itself).
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+NODE_TIER = "tier"
+NODE_DATA = "data-path"
+
+
+def node_tier(node_config: dict, profiles: DeviceProfiles) -> Tier:
+    """A node's tier: named in its node config (deployment) or assigned by partition id."""
+    if NODE_TIER in node_config:
+        return profiles.tier(str(node_config[NODE_TIER]), key="node-config tier")
+    if PARTITION_ID in node_config and NUM_PARTITIONS in node_config:
+        return profiles.tier_for_partition(
+            int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
+        )
+    raise ConfigError(
+        "node-config",
+        dict(node_config),
+        "'tier' (deployment) or 'partition-id' and 'num-partitions' (simulation)",
+    )
+
+
+@dataclass
+class Worker:
+    """What a process keeps between calls: the base model with its adapters, and the data."""
+
+    settings: RunSettings
+    host: AdapterHost
+    tokenizer: object
+    num_labels: int
+
+
+@lru_cache(maxsize=4)
+def _worker(settings: RunSettings) -> Worker:
+    num_labels = len(load_splits(settings.data).label_names)
+    model, tokenizer = cached_classifier(settings.model, num_labels, seed=settings.seed)
+    return Worker(settings, AdapterHost(model, settings.model.name), tokenizer, num_labels)
+
+
+@lru_cache(maxsize=64)
+def _encoded_partition(
+    settings: RunSettings, data: DataConfig, partition: tuple[int, int] | None
+) -> Encoded:
+    worker = _worker(settings)
+    if partition is None:
+        dataset = load_splits(data).train
+    else:
+        dataset = load_partition(data, *partition)
+    return encode(
+        list(dataset["text"]), list(dataset["label"]), worker.tokenizer, settings.model.max_length
+    )
+
+
+def local_data(settings: RunSettings, node_config: dict) -> Encoded:
+    """This node's training examples: its simulated partition, or its own data path."""
+    data = settings.data
+    if NODE_DATA in node_config:
+        data = replace(data, source=str(node_config[NODE_DATA]))
+    partition = None
+    if PARTITION_ID in node_config and NUM_PARTITIONS in node_config:
+        partition = (int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS]))
+    return _encoded_partition(settings, data, partition)
+
+
+def _client_index(context: Context) -> int:
+    """A stable per-client number for seeding (node ids change between runs, partitions do not)."""
+    return int(context.node_config.get(PARTITION_ID, context.node_id % 1_000_003))
+
+
+@app.query()
+def report_budget(msg: Message, context: Context) -> Message:
+    """Tell the server this node's tier and LoRA budget (the server sent the profiles)."""
+    profiles = parse_profiles(
+        str(msg.content[wire.CONFIG][wire.PROFILES]), "profiles (from server)"
+    )
+    tier = node_tier(context.node_config, profiles)
+    context.state[wire.BUDGET] = ConfigRecord({wire.TIER: tier.name, wire.RANK: tier.rank})
+    return Message(RecordDict({wire.BUDGET: context.state[wire.BUDGET]}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the sent adapter at the sent rank, train locally, return the adapter and metrics."""
+    started = time.perf_counter()
+    settings, _ = parse_run_config(context.run_config, strict=False)
+    config = msg.content[wire.CONFIG]
+    rank = int(config[wire.RANK])
+    budget = context.state[wire.BUDGET] if wire.BUDGET in context.state else None
+    if budget is not None and rank > int(budget[wire.RANK]):
+        raise ValueError(f"sent rank {rank} exceeds this node's budget {budget[wire.RANK]}")
+    arrays = wire.from_record(msg.content[wire.ARRAYS])
+    spec = LoraSpec(
+        rank, float(config[wire.LORA_ALPHA]), settings.lora.modules(), settings.lora.dropout
+    )
+    data = local_data(settings, context.node_config)
+    worker = _worker(settings)
+    prune = wire.PRUNE_GAMMA in config
+    with worker.host.lock:
+        model = worker.host.set_state(spec, arrays)
+        penalty, keep, score_before = None, rank, 0.0
+        if prune:
+            keep = keep_rank(rank, float(config[wire.PRUNE_GAMMA]))
+            score_before = tail_score(arrays, keep)
+            penalty = tail_penalty(model, spec.name, keep, float(config[wire.PRUNE_LAMBDA]))
+        result = train_steps(
+            model,
+            data,
+            settings.train,
+            penalty=penalty,
+            seed=int(config[wire.SEED]) + _client_index(context),
+        )
+        state = worker.host.get_state(spec)
+    if prune and tail_score(state, keep) < score_before:
+        rank = max(int(config[wire.PRUNE_MIN_RANK]), keep)
+        state = wire.truncate_state(state, rank)
+    metrics = MetricRecord(
+        {
+            wire.NUM_EXAMPLES: len(data),
+            wire.TRAIN_LOSS: result.loss,
+            wire.RANK: rank,
+            wire.SECONDS: time.perf_counter() - started,
+            wire.BYTES_DOWN: wire.nbytes(arrays),
+            wire.BYTES_UP: wire.nbytes(state),
+        }
+    )
+    return Message(
+        RecordDict({wire.ARRAYS: wire.to_record(state), wire.METRICS: metrics}), reply_to=msg
+    )

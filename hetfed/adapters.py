@@ -1,0 +1,138 @@
+"""LoRA adapters over peft on one shared frozen base model.
+
+An :class:`AdapterHost` wraps the process's base model once with peft and then keeps one named
+peft adapter per :class:`LoraSpec` (rank, alpha, target modules). Switching a client means
+activating the adapter of its spec and loading the client's arrays into it: the base model is
+never copied. Adapter state travels as named numpy arrays whose names are peft's own state-dict
+keys (``...query.lora_A.weight``, ``...classifier.weight``), so an exported global adapter is a
+standard PEFT folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+HEAD_MODULES = ("classifier",)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The shape of one client's adapter: its rank, scaling numerator and targeted modules."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    dropout: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"r{self.rank}-a{self.alpha:g}"
+
+    def peft_config(self, base_model_name: str = "") -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            modules_to_save=list(HEAD_MODULES),
+            base_model_name_or_path=base_model_name or None,
+        )
+
+
+class AdapterHost:
+    """One frozen base model carrying any number of named LoRA adapters.
+
+    Thread-safe for the ClientApp's use: a call activates its adapter and holds ``lock`` while it
+    loads, trains and reads the adapter.
+    """
+
+    def __init__(self, base_model: nn.Module, base_model_name: str = "") -> None:
+        self.base_model = base_model
+        self.base_model_name = base_model_name
+        self.peft_model: PeftModel | None = None
+        self.lock = threading.RLock()
+
+    def activate(self, spec: LoraSpec, seed: int = 0) -> PeftModel:
+        """Make ``spec``'s adapter the active one, creating it (seeded) on first use."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            if self.peft_model is None:
+                self.peft_model = get_peft_model(
+                    self.base_model, spec.peft_config(self.base_model_name), adapter_name=spec.name
+                )
+            elif spec.name not in self.peft_model.peft_config:
+                self.peft_model.add_adapter(spec.name, spec.peft_config(self.base_model_name))
+        self.peft_model.set_adapter(spec.name)
+        return self.peft_model
+
+    def get_state(self, spec: LoraSpec) -> dict[str, np.ndarray]:
+        """The adapter's trainable arrays (LoRA factors and head) as float32 numpy arrays."""
+        model = self.activate(spec)
+        state = get_peft_model_state_dict(model, adapter_name=spec.name)
+        return {k: v.detach().cpu().float().numpy().copy() for k, v in state.items()}
+
+    def set_state(self, spec: LoraSpec, state: dict[str, np.ndarray]) -> PeftModel:
+        """Load named arrays into ``spec``'s adapter; every key must exist with the right shape."""
+        model = self.activate(spec)
+        expected = get_peft_model_state_dict(model, adapter_name=spec.name)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter {spec.name}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}"
+            )
+        tensors = {}
+        for key, ref in expected.items():
+            if tuple(state[key].shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"adapter {spec.name}: {key} has shape {state[key].shape}, "
+                    f"expected {tuple(ref.shape)}"
+                )
+            tensors[key] = torch.as_tensor(np.asarray(state[key]), dtype=ref.dtype)
+        set_peft_model_state_dict(model, tensors, adapter_name=spec.name)
+        return model
+
+    def initial_state(self, spec: LoraSpec, seed: int) -> dict[str, np.ndarray]:
+        """A fresh adapter as peft initialises it: A random (seeded), B zero, head as built."""
+        with self.lock:
+            model = self.activate(spec, seed=seed)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                for module in model.modules():
+                    if hasattr(module, "reset_lora_parameters") and spec.name in getattr(
+                        module, "lora_A", {}
+                    ):
+                        module.reset_lora_parameters(spec.name, True)
+            return self.get_state(spec)
+
+    def export(
+        self,
+        spec: LoraSpec,
+        state: dict[str, np.ndarray],
+        folder: str | Path,
+        extra: dict | None = None,
+    ) -> Path:
+        """Write ``state`` as a standard PEFT folder that ``PeftModel.from_pretrained`` loads."""
+        folder = Path(folder)
+        with self.lock:
+            model = self.set_state(spec, state)
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp, selected_adapters=[spec.name])
+                saved = Path(tmp) / spec.name  # peft nests non-default adapter names
+                if folder.exists():
+                    shutil.rmtree(folder)
+                shutil.copytree(saved, folder)
+        if extra:
+            (folder / "hetfed.json").write_text(json.dumps(extra, indent=2))
+        return folder

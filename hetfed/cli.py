@@ -1,0 +1,190 @@
+"""The ``hetfed`` command: list strategies, check a scenario, run it and check how it ended.
+
+- ``hetfed strategies``: every registered strategy (name, class, one-line description).
+- ``hetfed check scenarios/NAME [-c KEY=VALUE ...]``: validate a scenario without running it.
+- ``hetfed run scenarios/NAME [-c KEY=VALUE ...]``: ``flwr run`` it offline on the local
+  Simulation Engine with the scenario's ``[tool.hetfed.simulation]`` settings, stream its log,
+  and exit non-zero unless the run's status is ``finished:completed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from flwr.common.config import flatten_dict, parse_config_args
+
+from hetfed.errors import HetfedError
+
+OFFLINE_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+SIMULATION_KEYS = (
+    "num-supernodes",
+    "client-resources-num-cpus",
+    "client-resources-num-gpus",
+    "init-args-num-cpus",
+    "init-args-num-gpus",
+)
+# Relative paths in these keys mean "relative to where hetfed run was started".
+CWD_RELATIVE_KEYS = ("results-dir", "data.source")
+
+
+def read_scenario(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "pyproject.toml"
+    if not path.is_file():
+        raise HetfedError(f"{folder} is not a scenario folder: {path} does not exist")
+    with path.open("rb") as handle:
+        return tomllib.load(handle)
+
+
+def scenario_run_config(folder: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """The scenario's flat run config with ``--run-config`` style overrides applied."""
+    doc = read_scenario(folder)
+    config = flatten_dict(doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+    extra = parse_config_args(overrides) if overrides else {}
+    unknown = sorted(set(extra) - set(config))
+    if unknown:  # flwr itself refuses these; say so before starting anything
+        raise HetfedError(
+            f"--run-config key '{unknown[0]}' is not in the scenario's "
+            f"[tool.flwr.app.config]; known keys: {', '.join(sorted(config))}"
+        )
+    config.update(extra)
+    return config
+
+
+def simulation_settings(folder: str | Path) -> dict[str, Any]:
+    doc = read_scenario(folder)
+    settings = doc.get("tool", {}).get("hetfed", {}).get("simulation", {})
+    for key in settings:
+        if key not in SIMULATION_KEYS:
+            raise HetfedError(
+                f"{folder}/pyproject.toml: [tool.hetfed.simulation] key '{key}' "
+                f"is unknown; allowed: {', '.join(SIMULATION_KEYS)}"
+            )
+    return settings
+
+
+def check(folder: str | Path, overrides: list[str]) -> None:
+    from hetfed.run_plan import plan_run
+
+    plan = plan_run(scenario_run_config(folder, overrides), project_dir=folder)
+    tiers = ", ".join(f"{t.name}={t.rank}" for t in plan.profiles.tiers.values())
+    print(
+        f"ok: strategy {plan.settings.strategy}, tiers {tiers}, "
+        f"rank limit {plan.max_rank}, {plan.settings.num_server_rounds} rounds"
+    )
+
+
+def _toml_value(value: Any) -> str:
+    return (
+        json.dumps(value)
+        if isinstance(value, str)
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
+
+
+def run(folder: str | Path, overrides: list[str]) -> int:
+    """Run a scenario through ``flwr run``; return 0 only if Flower reports it completed."""
+    config = scenario_run_config(folder, overrides)
+    check(folder, overrides)
+    for key in CWD_RELATIVE_KEYS:
+        value = config.get(key)
+        if (
+            isinstance(value, str)
+            and value
+            and not Path(value).is_absolute()
+            and (key == "results-dir" or Path(value).exists())
+        ):
+            overrides = [*overrides, f"{key}={json.dumps(str(Path(value).resolve()))}"]
+    env = {**os.environ, **{k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()}}
+    # flwr starts `flower-superlink` from PATH: make it this environment's.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    federation = " ".join(f"{k}={_toml_value(v)}" for k, v in simulation_settings(folder).items())
+    command = ["flwr", "run", str(folder), "--stream"]
+    for override in overrides:
+        command += ["--run-config", override]
+    if federation:
+        command += ["--federation-config", federation]
+    run_id = None
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            match = re.search(r"Successfully started run (\d+)", line)
+            run_id = run_id or (match.group(1) if match else None)
+    if process.returncode != 0 or run_id is None:
+        print(f"hetfed: flwr run failed (exit code {process.returncode})", file=sys.stderr)
+        return process.returncode or 1
+    status = run_status(run_id, env)
+    print(f"hetfed: run {run_id} ended with status {status}")
+    return 0 if status == "finished:completed" else 1
+
+
+def run_status(run_id: str, env: dict[str, str] | None = None) -> str:
+    """Flower's status of a run, e.g. ``finished:completed`` or ``finished:failed``."""
+    out = subprocess.run(
+        ["flwr", "ls", "--run-id", str(run_id), "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    runs = json.loads(out[out.index("{") :]).get("runs", []) if "{" in out else []
+    return runs[0]["status"] if runs else "unknown"
+
+
+def list_strategies() -> None:
+    from hetfed.registry import describe_strategies
+
+    rows = describe_strategies()
+    width = max((len(r.name) for r in rows), default=4)
+    target_width = max((len(r.target) for r in rows), default=5)
+    print(f"{'name':<{width}}  {'class':<{target_width}}  description")
+    for row in rows:
+        text = row.description if not row.error else f"BROKEN PLUGIN: {row.error}"
+        print(f"{row.name:<{width}}  {row.target:<{target_width}}  {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hetfed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("strategies", help="list the registered strategies")
+    for name, text in (
+        ("check", "validate a scenario without running it"),
+        ("run", "run a scenario offline and check its final status"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("scenario", help="a scenario folder, e.g. scenarios/quickstart")
+        cmd.add_argument(
+            "-c",
+            "--run-config",
+            action="append",
+            default=[],
+            help="override, e.g. -c 'num-server-rounds=3' (repeatable)",
+        )
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "strategies":
+            list_strategies()
+            return 0
+        if args.command == "check":
+            check(args.scenario, args.run_config)
+            return 0
+        return run(args.scenario, args.run_config)
+    except HetfedError as err:
+        print(f"hetfed: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

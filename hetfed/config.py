@@ -1,0 +1,163 @@
+"""Run configuration: typed sections parsed from Flower's flat run config, strictly.
+
+A scenario's ``[tool.flwr.app.config]`` is flattened by Flower into keys such as
+``model.name`` or ``train.local-steps``. Each section is a frozen dataclass whose fields map to
+keys ``<section>.<field-with-dashes>``; top-level keys map to :class:`RunSettings` fields. Every
+key must be known, every value must have the field's type, and each dataclass checks its own
+ranges in ``__post_init__``. Errors name the key, the value and what is allowed, and are raised
+before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hetfed.data import DataConfig
+from hetfed.errors import ConfigError
+from hetfed.models import ModelConfig
+from hetfed.training import TrainConfig
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Which modules carry LoRA and how updates are scaled (s = alpha / r per client)."""
+
+    target_modules: str = "query,value"
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.modules():
+            raise ConfigError(
+                "lora.target-modules",
+                self.target_modules,
+                "a comma-separated list of module names, e.g. 'query,value'",
+            )
+        if self.alpha <= 0:
+            raise ConfigError("lora.alpha", self.alpha, "a number > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("lora.dropout", self.dropout, "a number in [0, 1)")
+
+    def modules(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run is configured with; one instance per ServerApp and ClientApp."""
+
+    strategy: str = "hetlora"
+    num_server_rounds: int = 5
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 600.0
+    seed: int = 42
+    profiles: str = "profiles.yaml"
+    results_dir: str = "results"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds < 1:
+            raise ConfigError("num-server-rounds", self.num_server_rounds, "an integer >= 1")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError("fraction-train", self.fraction_train, "a number in (0, 1]")
+        if self.min_train_nodes < 1:
+            raise ConfigError("min-train-nodes", self.min_train_nodes, "an integer >= 1")
+        if self.min_available_nodes < self.min_train_nodes:
+            raise ConfigError(
+                "min-available-nodes",
+                self.min_available_nodes,
+                f"an integer >= min-train-nodes ({self.min_train_nodes})",
+            )
+        if self.round_timeout <= 0:
+            raise ConfigError("round-timeout", self.round_timeout, "seconds > 0")
+
+
+def config_key(prefix: str, field_name: str) -> str:
+    """Run-config key of a dataclass field: ``train`` + ``local_steps`` -> ``train.local-steps``."""
+    name = field_name.replace("_", "-")
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _type_name(tp: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check a TOML value against a field type; ints are accepted where a float is expected."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is not bool and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(key, value, _type_name(tp))
+    return value
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def build_section(cls: type, prefix: str, flat: Mapping[str, Scalar], used: set[str]) -> Any:
+    """Build dataclass ``cls`` from the keys under ``prefix``; nested dataclasses recurse.
+
+    Keys that were consumed are added to ``used`` so the caller can reject the rest.
+    """
+    kwargs: dict[str, Any] = {}
+    for name, tp in _section_types(cls).items():
+        key = config_key(prefix, name)
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build_section(tp, key, flat, used)
+        elif key in flat:
+            used.add(key)
+            kwargs[name] = _coerce(key, flat[key], tp)
+    return cls(**kwargs)
+
+
+def known_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every run-config key that ``cls`` (and its nested sections) accepts."""
+    keys = []
+    for name, tp in _section_types(cls).items():
+        key = config_key(prefix, name)
+        keys.extend(known_keys(tp, key) if dataclasses.is_dataclass(tp) else [key])
+    return keys
+
+
+def parse_run_config(
+    run_config: Mapping[str, Scalar],
+    strategy_options: type | None = None,
+    options_prefix: str = "",
+    strict: bool = True,
+) -> tuple[RunSettings, Any]:
+    """Parse Flower's flat run config into :class:`RunSettings` and the strategy's options.
+
+    With ``strict`` (the server), a key that neither the core sections nor the chosen strategy's
+    options accept is an error, so a typo never goes unnoticed. Clients parse with
+    ``strict=False`` because strategy options are the server's business.
+    """
+    used: set[str] = set()
+    settings = build_section(RunSettings, "", run_config, used)
+    options = None
+    if strategy_options is not None:
+        options = build_section(strategy_options, options_prefix, run_config, used)
+    if strict:
+        unknown = sorted(set(run_config) - used)
+        if unknown:
+            allowed = known_keys(RunSettings)
+            if strategy_options is not None:
+                allowed += known_keys(strategy_options, options_prefix)
+            raise ConfigError(
+                unknown[0],
+                run_config[unknown[0]],
+                f"one of the known keys: {', '.join(sorted(allowed))}",
+            )
+    return settings, options

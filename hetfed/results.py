@@ -1,0 +1,75 @@
+"""Results a user can read and plot: metrics.jsonl per round, summary.json, accuracy.png."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One line of ``metrics.jsonl``; round 0 is the initial global model."""
+
+    round: int
+    accuracy: float
+    loss: float
+    sampled: int
+    replied: int
+    failed: int
+    bytes_down: int
+    bytes_up: int
+    train_loss: float | None
+    seconds: float
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ResultsWriter:
+    """Writes a run's results folder as the run goes, so a killed run leaves readable files."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder).resolve()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.folder / "metrics.jsonl"
+        self.metrics_path.write_text("", encoding="utf-8")
+        self.records: list[RoundRecord] = []
+
+    def add_round(self, record: RoundRecord) -> None:
+        self.records.append(record)
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(asdict(record)) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def plot(self, title: str) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r.round for r in self.records]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(rounds, [r.accuracy for r in self.records], marker="o")
+        ax.set_xlabel("round")
+        ax.set_ylabel("central test accuracy")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        path = self.folder / "accuracy.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
+    """The per-round records of a results folder."""
+    lines = (Path(folder) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -1,0 +1,63 @@
+"""Everything checked before a run trains: the strategy, the run config, profiles, ranks, data.
+
+The ServerApp calls :func:`plan_run` first; ``hetfed check`` calls it on a scenario folder
+without starting Flower. Nothing here loads model weights or data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hetfed.config import RunSettings, Scalar, parse_run_config
+from hetfed.data import resolve_source
+from hetfed.errors import ConfigError
+from hetfed.models import max_lora_rank
+from hetfed.profiles import DeviceProfiles, load_profiles
+from hetfed.registry import load_strategy
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    settings: RunSettings
+    options: Any
+    strategy_class: type
+    profiles: DeviceProfiles
+    max_rank: int
+
+    def build_strategy(self):
+        return self.strategy_class(self.settings, self.profiles, self.options)
+
+
+def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = None) -> RunPlan:
+    """Validate a run config completely; raise :class:`ConfigError` on the first problem.
+
+    ``profiles`` is resolved against ``project_dir`` (the scenario folder) when it is relative.
+    """
+    strategy_name = run_config.get("strategy", RunSettings.strategy)
+    strategy_class = load_strategy(str(strategy_name))
+    settings, options = parse_run_config(
+        run_config, strategy_class.options_class, options_prefix=strategy_name
+    )
+    profiles_path = Path(settings.profiles)
+    if not profiles_path.is_absolute() and project_dir is not None:
+        profiles_path = Path(project_dir) / profiles_path
+    profiles = load_profiles(profiles_path)
+    resolve_source(settings.data.source)
+    limit = max_lora_rank(settings.model, settings.lora.modules())
+    for tier in profiles.tiers.values():
+        if tier.rank > limit:
+            raise ConfigError(
+                f"tiers.{tier.name}.rank",
+                tier.rank,
+                f"an integer in [1, {limit}] (min(d_in, d_out) of "
+                f"{settings.lora.target_modules} in {settings.model.name})",
+                profiles.source,
+            )
+    plan = RunPlan(settings, options, strategy_class, profiles, limit)
+    rank = plan.build_strategy().global_rank()
+    if not 1 <= rank <= limit:
+        raise ConfigError(f"{strategy_name}.rank", rank, f"an integer in [1, {limit}]")
+    return plan

@@ -1,0 +1,134 @@
+"""Wire format: how adapters and their metadata travel between ServerApp and ClientApp.
+
+An adapter travels as an ``ArrayRecord`` under ``"arrays"`` whose keys are peft's state-dict
+names: ``<module>.lora_A.weight`` (r x d_in), ``<module>.lora_B.weight`` (d_out x r) for every
+LoRA module, and the head's tensors (``...classifier.weight``/``bias``). Instructions travel in a
+``ConfigRecord`` under ``"config"`` (the keys below); a training reply carries a ``MetricRecord``
+under ``"metrics"`` that states the rank the client actually returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from hetfed import lora_algebra
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+BUDGET = "budget"
+
+# Keys of the train instruction (server -> client).
+SERVER_ROUND = "server-round"
+RANK = "rank"
+LORA_ALPHA = "lora-alpha"
+SEED = "seed"
+PROFILES = "profiles"
+PRUNE_GAMMA = "prune-gamma"
+PRUNE_LAMBDA = "prune-lambda"
+PRUNE_MIN_RANK = "prune-min-rank"
+
+# Keys of the reply metrics (client -> server).
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+SECONDS = "seconds"
+BYTES_DOWN = "bytes-down"
+BYTES_UP = "bytes-up"
+TIER = "tier"
+
+_A_SUFFIX = ".lora_A.weight"
+_B_SUFFIX = ".lora_B.weight"
+
+State = dict[str, np.ndarray]
+LoraPairs = dict[str, tuple[np.ndarray, np.ndarray]]  # module -> (B, A)
+
+
+def split_state(state: Mapping[str, np.ndarray]) -> tuple[LoraPairs, State]:
+    """Separate LoRA factor pairs (by module name) from the head's arrays."""
+    pairs: LoraPairs = {}
+    head: State = {}
+    for key, value in state.items():
+        if key.endswith(_A_SUFFIX):
+            module = key[: -len(_A_SUFFIX)]
+            pairs[module] = (state[module + _B_SUFFIX], value)
+        elif not key.endswith(_B_SUFFIX):
+            head[key] = value
+    return pairs, head
+
+
+def join_state(pairs: LoraPairs, head: Mapping[str, np.ndarray]) -> State:
+    """Inverse of :func:`split_state`."""
+    state: State = {}
+    for module, (b, a) in pairs.items():
+        state[module + _A_SUFFIX] = a
+        state[module + _B_SUFFIX] = b
+    state.update(head)
+    return state
+
+
+def map_lora(
+    state: Mapping[str, np.ndarray],
+    fn: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+) -> State:
+    """Apply ``fn(B, A) -> (B', A')`` to every LoRA module; the head is kept as it is."""
+    pairs, head = split_state(state)
+    return join_state({module: fn(b, a) for module, (b, a) in pairs.items()}, head)
+
+
+def truncate_state(state: Mapping[str, np.ndarray], rank: int) -> State:
+    """Every LoRA module cut to its first ``rank`` components (HetLoRA's distribution)."""
+    return map_lora(state, lambda b, a: lora_algebra.truncate(b, a, rank))
+
+
+def state_rank(state: Mapping[str, np.ndarray]) -> int:
+    """The rank of an adapter's LoRA modules (they all share one rank)."""
+    ranks = {a.shape[0] for _, a in split_state(state)[0].values()}
+    if len(ranks) != 1:
+        raise ValueError(f"adapter modules have different ranks: {sorted(ranks)}")
+    return ranks.pop()
+
+
+def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in state.items()})
+
+
+def from_record(record: ArrayRecord) -> State:
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def nbytes(state: Mapping[str, np.ndarray]) -> int:
+    return int(sum(value.nbytes for value in state.values()))
+
+
+def reply_problem(
+    reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], rank: int
+) -> str | None:
+    """Why a client's arrays cannot be aggregated, or None when they can.
+
+    The reply must have exactly the keys that were sent, LoRA factors of the claimed ``rank``
+    with the sent outer dimensions, head arrays of the sent shapes, float dtypes and finite values.
+    """
+    missing = sorted(set(sent) - set(reply))
+    if missing:
+        return f"missing arrays {missing[:3]}"
+    extra = sorted(set(reply) - set(sent))
+    if extra:
+        return f"unexpected arrays {extra[:3]}"
+    for key, value in reply.items():
+        ref = sent[key]
+        if key.endswith(_A_SUFFIX):
+            expected = (rank, ref.shape[1])
+        elif key.endswith(_B_SUFFIX):
+            expected = (ref.shape[0], rank)
+        else:
+            expected = ref.shape
+        if value.shape != tuple(expected):
+            return f"{key} has shape {value.shape}, expected {tuple(expected)}"
+        if not np.issubdtype(value.dtype, np.floating):
+            return f"{key} has dtype {value.dtype}, expected a float dtype"
+        if not np.all(np.isfinite(value)):
+            return f"{key} has non-finite values"
+    return None

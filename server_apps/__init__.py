@@ -1,0 +1,1 @@
+"""ServerApps of hetfed; a scenario names one in its pyproject.toml."""

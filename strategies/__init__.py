@@ -1,0 +1,1 @@
+"""hetfed's strategies, one method a file over :class:`strategies.base.LoRAStrategy`."""

@@ -1,0 +1,56 @@
+"""FedIT: homogeneous LoRA with FedAvg of A and B (the baseline every method is compared to).
+
+Every client trains the same rank r; the server averages each factor with the data weights
+p_k = n_k / sum(n): A <- sum_k p_k A_k, B <- sum_k p_k B_k. This is inexact for the product,
+sum_k p_k B_k A_k != (sum_k p_k B_k)(sum_k p_k A_k), which is what later methods fix.
+Reference: Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning",
+ICASSP 2024 (arXiv 2305.05644).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hetfed import lora_algebra as la
+from hetfed.errors import ConfigError
+from hetfed.wire import LoraPairs
+from strategies.base import ClientUpdate, LoRAStrategy
+
+
+@dataclass(frozen=True)
+class FedITOptions:
+    """``fedit.rank``: the one rank every client trains; 0 means the smallest tier rank, the
+    largest rank that every device can afford."""
+
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError("fedit.rank", self.rank, "0 (smallest tier rank) or an integer >= 1")
+
+
+class FedIT(LoRAStrategy):
+    """Homogeneous LoRA: one rank for every client, FedAvg of A and B."""
+
+    name = "fedit"
+    description = "Homogeneous LoRA (FedIT): every client one rank, FedAvg of A and B"
+    options_class = FedITOptions
+
+    def global_rank(self) -> int:
+        return self.options.rank or self.profiles.min_rank
+
+    def client_rank(self, node_id: int) -> int:
+        return self.global_rank()
+
+    def aggregate_lora(
+        self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
+    ) -> LoraPairs:
+        weights = la.normalize_weights([u.num_examples for u in updates])
+        lora = [u.lora for u in updates]
+        return {
+            module: (
+                la.weighted_sum([pairs[module][0] for pairs in lora], weights),
+                la.weighted_sum([pairs[module][1] for pairs in lora], weights),
+            )
+            for module in global_lora
+        }

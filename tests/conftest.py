@@ -1,0 +1,178 @@
+"""Shared fixtures: scenario folders for a tiny model, and runs through the real ``flwr run``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY_CONFIG = {
+    "strategy": "hetlora",
+    "num-server-rounds": 3,
+    "fraction-train": 1.0,
+    "min-train-nodes": 2,
+    "min-available-nodes": 4,
+    "seed": 7,
+    "profiles": "profiles.yaml",
+    "results-dir": "results",
+    "model.name": "tiny-random-bert",
+    "model.max-length": 32,
+    "lora.target-modules": "query,value",
+    "lora.alpha": 16.0,
+    "data.source": "",  # set by the ``tiny_config`` fixture to the generated topics corpus
+    "data.partitioner": "iid",
+    "train.local-steps": 8,
+    "train.batch-size": 16,
+    "train.lr": 0.02,
+}
+
+# A small labelled corpus that a randomly initialised model can learn in seconds: each text
+# mixes words of its topic with common words. Real text (BBC News) is for the real model.
+TOPICS = {
+    "film": "movie actor director award cinema star festival drama comedy oscar",
+    "money": "bank market shares profit stock price investor trade economy rate",
+    "sport": "match goal team coach season league player score win cup",
+    "tech": "software computer phone internet chip network data robot code digital",
+    "vote": "election minister party vote parliament policy campaign government law leader",
+}
+COMMON = "the a of and to in is was for on with said it as at by from".split()
+
+
+def write_topics_corpus(folder: Path, seed: int = 0, train: int = 600, test: int = 200) -> Path:
+    """train.csv/test.csv (columns text,label) of synthetic topic texts."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", train), ("test", test)):
+        with (folder / f"{split}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            for _ in range(rows):
+                label = rng.choice(sorted(TOPICS))
+                words = TOPICS[label].split()
+                text = " ".join(
+                    rng.choice(words) if rng.random() < 0.7 else rng.choice(COMMON)
+                    for _ in range(16)
+                )
+                writer.writerow([text, label])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def topics_corpus(tmp_path_factory) -> Path:
+    return write_topics_corpus(tmp_path_factory.mktemp("topics"))
+
+
+@pytest.fixture
+def tiny_config(topics_corpus) -> dict:
+    """The run config of a 4-client scenario on the tiny model and the topics corpus."""
+    return {**TINY_CONFIG, "data.source": str(topics_corpus)}
+
+
+TINY_PROFILES = """\
+tiers:
+  small: {rank: 2}
+  medium: {rank: 4}
+  large: {rank: 8}
+assignment:
+  ratios: {small: 2, medium: 1, large: 1}
+"""
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def write_scenario(
+    folder: Path, config: dict, profiles: str = TINY_PROFILES, num_supernodes: int = 4
+) -> Path:
+    """A scenario folder like scenarios/quickstart, configured by ``config``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[build-system]",
+        'requires = ["hatchling"]',
+        'build-backend = "hatchling.build"',
+        "",
+        "[project]",
+        f'name = "{folder.name}"',
+        'version = "1.0.0"',
+        'description = "hetfed test scenario"',
+        'license = "Apache-2.0"',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "hetfed"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "server_apps.lora_server:app"',
+        'clientapp = "client_apps.lora_client:app"',
+        "",
+        "[tool.flwr.app.config]",
+        *[f"{key} = {_toml(value)}" for key, value in config.items()],
+        "",
+        "[tool.hetfed.simulation]",
+        f"num-supernodes = {num_supernodes}",
+    ]
+    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    (folder / "profiles.yaml").write_text(profiles)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def flower_home(tmp_path_factory):
+    """A private FLWR_HOME; the local SuperLink that flwr starts there is stopped at the end."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    yield home
+    _stop_local_superlink(home)
+
+
+def _stop_local_superlink(home: Path) -> None:
+    out = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True)
+    for pid in out.stdout.split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"FLWR_HOME={home}".encode() in environ:
+            os.kill(int(pid), signal.SIGTERM)
+
+
+@pytest.fixture
+def run_scenario(flower_home, tmp_path):
+    """Run a scenario through ``hetfed run`` (which calls ``flwr run``) and return its outcome."""
+
+    def _run(
+        config: dict,
+        profiles: str = TINY_PROFILES,
+        num_supernodes: int = 4,
+        overrides: tuple[str, ...] = (),
+        timeout: float = 420,
+    ):
+        folder = write_scenario(tmp_path / "scenario", config, profiles, num_supernodes)
+        env = {**os.environ, "FLWR_HOME": str(flower_home)}
+        command = [sys.executable, "-m", "hetfed.cli", "run", str(folder)]
+        for override in overrides:
+            command += ["-c", override]
+        proc = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        return proc, tmp_path / config.get("results-dir", "results")
+
+    return _run
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present on this machine")
+    return SHARED_DATA

@@ -1,0 +1,228 @@
+"""Strategies on real Flower messages: distribution, reply validation, aggregation formulas.
+
+The ClientApp is replaced by explicit replies here so each aggregation rule can be checked
+exactly; the end-to-end tests run the real ClientApp through the Simulation Engine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from hetfed import lora_algebra as la
+from hetfed import wire
+from hetfed.config import RunSettings
+from hetfed.profiles import parse_profiles
+from strategies.fedit import FedIT, FedITOptions
+from strategies.hetlora import HetLoRA, HetLoRAOptions, pruned_rank
+
+PROFILES = parse_profiles(
+    "tiers: {s: {rank: 2}, m: {rank: 4}, l: {rank: 8}}\nassignment: {by-partition: [s, m, l]}"
+)
+MODULES = ("layer.0.query", "layer.0.value", "layer.1.query")
+D_OUT, D_IN, LABELS = 12, 10, 3
+
+
+class InProcessGrid:
+    """Flower's Grid interface over three nodes that answer budget queries like the ClientApp."""
+
+    def __init__(self, tiers=("s", "m", "l")):
+        self.tiers = {1000 + i: t for i, t in enumerate(tiers)}
+
+    def get_node_ids(self):
+        return list(self.tiers)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            tier = PROFILES.tier(self.tiers[msg.metadata.dst_node_id])
+            budget = ConfigRecord({wire.TIER: tier.name, wire.RANK: tier.rank})
+            replies.append(_reply(msg, RecordDict({wire.BUDGET: budget})))
+        return replies
+
+
+def _reply(msg: Message, content: RecordDict) -> Message:
+    return Message(content, reply_to=msg)  # its source is the node the message went to
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Flower stamps messages with the running task's identity; give the test one."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def global_state(rng, rank=8):
+    state = {}
+    for m in MODULES:
+        state[f"{m}.lora_A.weight"] = rng.normal(size=(rank, D_IN)).astype(np.float32)
+        state[f"{m}.lora_B.weight"] = rng.normal(size=(D_OUT, rank)).astype(np.float32)
+    state["classifier.weight"] = rng.normal(size=(LABELS, D_OUT)).astype(np.float32)
+    state["classifier.bias"] = rng.normal(size=(LABELS,)).astype(np.float32)
+    return state
+
+
+def make(strategy_cls, options):
+    settings = RunSettings(min_train_nodes=1, min_available_nodes=3)
+    return strategy_cls(settings, PROFILES, options)
+
+
+def train_round(strategy, state, reply_fn, server_round=1):
+    """configure_train -> replies made by ``reply_fn(node, rank, sent_arrays)`` -> aggregate."""
+    grid = InProcessGrid()
+    messages = list(
+        strategy.configure_train(server_round, wire.to_record(state), ConfigRecord(), grid)
+    )
+    replies = []
+    for msg in messages:
+        node = msg.metadata.dst_node_id
+        rank = int(msg.content[wire.CONFIG][wire.RANK])
+        content = reply_fn(node, rank, wire.from_record(msg.content[wire.ARRAYS]))
+        replies.append(_reply(msg, content))
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    return messages, (wire.from_record(arrays) if arrays is not None else None)
+
+
+def trained(rng, n_examples=None, rank_override=None, mutate=None):
+    """A reply function returning random 'trained' arrays of the sent shapes."""
+    sent = {}
+
+    def reply(node, rank, arrays):
+        r = rank_override(node, rank) if rank_override else rank
+        new = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in arrays.items()}
+        new = wire.truncate_state(new, r)
+        if mutate:
+            new = mutate(node, new)
+        sent[node] = new
+        examples = n_examples[node] if n_examples else 10
+        metrics = MetricRecord({wire.NUM_EXAMPLES: examples, wire.RANK: r, wire.TRAIN_LOSS: 1.0})
+        return RecordDict({wire.ARRAYS: wire.to_record(new), wire.METRICS: metrics})
+
+    return reply, sent
+
+
+def test_hetlora_sends_truncations_of_each_budget():
+    rng = np.random.default_rng(0)
+    state = global_state(rng)
+    strategy = make(HetLoRA, HetLoRAOptions())
+    reply, _ = trained(rng)
+    messages, _ = train_round(strategy, state, reply)
+    ranks = {m.metadata.dst_node_id: int(m.content[wire.CONFIG][wire.RANK]) for m in messages}
+    assert ranks == {1000: 2, 1001: 4, 1002: 8}
+    for msg in messages:
+        arrays = wire.from_record(msg.content[wire.ARRAYS])
+        r = ranks[msg.metadata.dst_node_id]
+        a = arrays["layer.0.query.lora_A.weight"]
+        np.testing.assert_array_equal(a, state["layer.0.query.lora_A.weight"][:r])
+        assert float(msg.content[wire.CONFIG][wire.PRUNE_GAMMA]) == 0.99
+
+
+def test_hetlora_aggregate_is_sparsity_weighted_sum_of_zero_padded_factors():
+    rng = np.random.default_rng(1)
+    state = global_state(rng)
+    strategy = make(HetLoRA, HetLoRAOptions())
+    reply, sent = trained(rng, n_examples={1000: 5, 1001: 50, 1002: 500})
+    _, new = train_round(strategy, state, reply)
+    nodes = sorted(sent)
+    pairs = [wire.split_state(sent[n])[0] for n in nodes]
+    s = np.array(
+        [np.sqrt(sum(np.linalg.norm(p[m][0] @ p[m][1]) ** 2 for m in MODULES)) for p in pairs]
+    )
+    w = s / s.sum()
+    for m in MODULES:
+        expect_a = sum(
+            wk * np.pad(p[m][1], ((0, 8 - p[m][1].shape[0]), (0, 0)))
+            for wk, p in zip(w, pairs, strict=False)
+        )
+        np.testing.assert_allclose(new[f"{m}.lora_A.weight"], expect_a, rtol=1e-5, atol=1e-6)
+    # the head is averaged with the data weights, not the sparsity weights
+    p = np.array([5, 50, 500]) / 555
+    expect_head = sum(pk * sent[n]["classifier.bias"] for pk, n in zip(p, nodes, strict=False))
+    np.testing.assert_allclose(new["classifier.bias"], expect_head, rtol=1e-5)
+
+
+def test_hetlora_per_module_and_uniform_weighting():
+    rng = np.random.default_rng(2)
+    state = global_state(rng)
+    for weighting in ("sparsity-per-module", "uniform"):
+        strategy = make(HetLoRA, HetLoRAOptions(weighting=weighting))
+        reply, sent = trained(rng)
+        _, new = train_round(strategy, state, reply)
+        pairs = [wire.split_state(sent[n])[0] for n in sorted(sent)]
+        m = MODULES[1]
+        s = np.array([la.product_frobenius_norm(*p[m]) for p in pairs])
+        w = s / s.sum() if weighting != "uniform" else np.full(3, 1 / 3)
+        expect_b = sum(
+            wk * np.pad(p[m][0], ((0, 0), (0, 8 - p[m][0].shape[1])))
+            for wk, p in zip(w, pairs, strict=False)
+        )
+        np.testing.assert_allclose(new[f"{m}.lora_B.weight"], expect_b, rtol=1e-5, atol=1e-6)
+
+
+def test_hetlora_remembers_a_pruned_rank_and_rejects_other_ranks():
+    rng = np.random.default_rng(3)
+    state = global_state(rng)
+    strategy = make(HetLoRA, HetLoRAOptions(min_rank=2))
+    assert pruned_rank(8, 0.99, 2) == 7 and pruned_rank(2, 0.99, 2) == 2
+    reply, _ = trained(rng, rank_override=lambda node, r: 7 if r == 8 else r)
+    train_round(strategy, state, reply)
+    assert strategy.client_rank(1002) == 7
+    # a rank the node could not have pruned to is rejected
+    reply, _ = trained(rng, rank_override=lambda node, r: 3 if node == 1002 else r)
+    train_round(strategy, state, reply, server_round=2)
+    assert strategy.stats[2].replied == 2 and strategy.stats[2].failed == 1
+
+
+@pytest.mark.parametrize("fault", ["nan", "shape", "missing", "extra", "int-dtype"])
+def test_malformed_replies_are_rejected_and_do_not_touch_the_global_model(fault):
+    rng = np.random.default_rng(4)
+    state = global_state(rng)
+
+    def corrupt(node, arrays):
+        if node != 1001:
+            return arrays
+        key = "layer.0.value.lora_B.weight"
+        if fault == "nan":
+            arrays[key] = np.full_like(arrays[key], np.nan)
+        elif fault == "shape":
+            arrays[key] = np.zeros((D_OUT, 5), np.float32)
+        elif fault == "missing":
+            del arrays[key]
+        elif fault == "extra":
+            arrays["evil"] = np.zeros(3, np.float32)
+        else:
+            arrays[key] = arrays[key].astype(np.int64)
+        return arrays
+
+    strategy = make(FedIT, FedITOptions(rank=2))
+    reply, sent = trained(rng, mutate=corrupt)
+    _, new = train_round(strategy, state, reply)
+    assert strategy.stats[1].failed == 1 and strategy.stats[1].replied == 2
+    good = [sent[1000], sent[1002]]
+    for key in new:
+        np.testing.assert_allclose(new[key], (good[0][key] + good[1][key]) / 2, rtol=1e-6)
+
+
+def test_fedit_is_fedavg_of_factors_at_one_rank():
+    rng = np.random.default_rng(5)
+    strategy = make(FedIT, FedITOptions())
+    assert strategy.global_rank() == 2  # 0 means the smallest tier rank
+    state = global_state(rng, rank=2)
+    reply, sent = trained(rng, n_examples={1000: 1, 1001: 2, 1002: 7})
+    messages, new = train_round(strategy, state, reply)
+    assert {int(m.content[wire.CONFIG][wire.RANK]) for m in messages} == {2}
+    p = {1000: 0.1, 1001: 0.2, 1002: 0.7}
+    for key in new:
+        np.testing.assert_allclose(
+            new[key], sum(p[n] * sent[n][key] for n in sent), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_round_with_no_valid_reply_keeps_the_global_adapter():
+    rng = np.random.default_rng(6)
+    strategy = make(FedIT, FedITOptions(rank=2))
+    state = global_state(rng, rank=2)
+    reply, _ = trained(rng, mutate=lambda node, arrays: {})
+    _, new = train_round(strategy, state, reply)
+    assert new is None and strategy.stats[1].failed == 3
