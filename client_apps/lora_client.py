@@ -63,7 +63,7 @@ class Worker:
 def _worker(settings: RunSettings) -> Worker:
     num_labels = len(load_splits(settings.data).label_names)
     model, tokenizer = cached_classifier(settings.model, num_labels, seed=settings.seed)
-    return Worker(settings, AdapterHost(model, settings.model.name), tokenizer, num_labels)
+    return Worker(settings, AdapterHost(model), tokenizer, num_labels)
 
 
 @lru_cache(maxsize=64)
@@ -117,7 +117,8 @@ def train(msg: Message, context: Context) -> Message:
     budget = context.state[wire.BUDGET] if wire.BUDGET in context.state else None
     if budget is not None and rank > int(budget[wire.RANK]):
         raise ValueError(f"sent rank {rank} exceeds this node's budget {budget[wire.RANK]}")
-    arrays = wire.from_record(msg.content[wire.ARRAYS])
+    received = wire.from_record(msg.content[wire.ARRAYS])
+    arrays = wire.trainable(received)
     spec = LoraSpec(
         rank, float(config[wire.LORA_ALPHA]), settings.lora.modules(), settings.lora.dropout
     )
@@ -126,6 +127,7 @@ def train(msg: Message, context: Context) -> Message:
     prune = wire.PRUNE_GAMMA in config
     with worker.host.lock:
         model = worker.host.set_state(spec, arrays)
+        worker.host.set_base_deltas(wire.base_deltas(received))  # FLoRA's merged base, if any
         penalty, keep, score_before = None, rank, 0.0
         if prune:
             keep = keep_rank(rank, float(config[wire.PRUNE_GAMMA]))
@@ -148,7 +150,7 @@ def train(msg: Message, context: Context) -> Message:
             wire.TRAIN_LOSS: result.loss,
             wire.RANK: rank,
             wire.SECONDS: time.perf_counter() - started,
-            wire.BYTES_DOWN: wire.nbytes(arrays),
+            wire.BYTES_DOWN: wire.nbytes(received),
             wire.BYTES_UP: wire.nbytes(state),
         }
     )

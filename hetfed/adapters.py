@@ -57,11 +57,14 @@ class AdapterHost:
     loads, trains and reads the adapter.
     """
 
-    def __init__(self, base_model: nn.Module, base_model_name: str = "") -> None:
+    def __init__(self, base_model: nn.Module) -> None:
         self.base_model = base_model
-        self.base_model_name = base_model_name
+        # peft records it in adapter_config.json (build_classifier sets a local folder if any)
+        self.base_model_name = getattr(base_model, "name_or_path", "")
         self.peft_model: PeftModel | None = None
         self.lock = threading.RLock()
+        # Pristine copies of the base weights that a delta has changed (only those modules).
+        self._pristine: dict[str, torch.Tensor] = {}
 
     def activate(self, spec: LoraSpec, seed: int = 0) -> PeftModel:
         """Make ``spec``'s adapter the active one, creating it (seeded) on first use."""
@@ -102,6 +105,35 @@ class AdapterHost:
             tensors[key] = torch.as_tensor(np.asarray(state[key]), dtype=ref.dtype)
         set_peft_model_state_dict(model, tensors, adapter_name=spec.name)
         return model
+
+    def set_base_deltas(self, deltas: dict[str, np.ndarray]) -> None:
+        """Make each LoRA-wrapped module's base weight ``W0 + delta`` (``W0`` where none given).
+
+        Names are the modules' peft names (as in the adapter's state-dict keys). Only modules
+        that ever received a delta keep a pristine copy of their weight, once per process.
+        """
+        if self.peft_model is None:
+            raise RuntimeError("activate an adapter before setting base deltas")
+        modules = dict(self.peft_model.named_modules())
+        unknown = sorted(set(deltas) - set(modules))
+        if unknown:
+            raise ValueError(f"base deltas for unknown modules {unknown[:3]}")
+        for name in set(deltas) | set(self._pristine):
+            weight = modules[name].base_layer.weight
+            if name not in self._pristine:
+                self._pristine[name] = weight.detach().clone()
+            pristine = self._pristine[name]
+            with torch.no_grad():
+                if name in deltas:
+                    delta = torch.as_tensor(np.asarray(deltas[name]), dtype=weight.dtype)
+                    if delta.shape != weight.shape:
+                        raise ValueError(
+                            f"base delta of {name} has shape {tuple(delta.shape)},"
+                            f" expected {tuple(weight.shape)}"
+                        )
+                    weight.copy_(pristine + delta)
+                else:
+                    weight.copy_(pristine)
 
     def initial_state(self, spec: LoraSpec, seed: int) -> dict[str, np.ndarray]:
         """A fresh adapter as peft initialises it: A random (seeded), B zero, head as built."""

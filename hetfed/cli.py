@@ -5,6 +5,7 @@
 - ``hetfed run scenarios/NAME [-c KEY=VALUE ...]``: ``flwr run`` it offline on the local
   Simulation Engine with the scenario's ``[tool.hetfed.simulation]`` settings, stream its log,
   and exit non-zero unless the run's status is ``finished:completed``.
+- ``hetfed table RESULTS_DIR ...``: a Markdown table comparing finished runs.
 """
 
 from __future__ import annotations
@@ -172,16 +173,23 @@ def main(argv: list[str] | None = None) -> int:
             default=[],
             help="override, e.g. -c 'num-server-rounds=3' (repeatable)",
         )
+    table = sub.add_parser("table", help="compare finished runs in a Markdown table")
+    table.add_argument("results", nargs="+", help="results folders (with summary.json)")
     args = parser.parse_args(argv)
     try:
         if args.command == "strategies":
             list_strategies()
             return 0
+        if args.command == "table":
+            from hetfed.results import summary_table
+
+            print(summary_table(args.results))
+            return 0
         if args.command == "check":
             check(args.scenario, args.run_config)
             return 0
         return run(args.scenario, args.run_config)
-    except HetfedError as err:
+    except (HetfedError, ValueError) as err:
         print(f"hetfed: error: {err}", file=sys.stderr)
         return 2
 

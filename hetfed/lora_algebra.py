@@ -447,3 +447,18 @@ def average_per_rank_index(
     num_b[:, held] /= den[held]
     num_a[held, :] /= den[held, None]
     return num_b.astype(dtype, copy=False), num_a.astype(dtype, copy=False)
+
+
+def low_rank_factors(matrix: np.ndarray, rtol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Exact factors of a dense matrix up to its numerical rank: ``B A = M`` (to ``rtol``).
+
+    SVD ``M = U S V^T``; keep the components with ``S_i > rtol * S_0``; ``B = U S``,
+    ``A = V^T``. Used once, at export, to write a merged update (FLoRA, Wang et al. NeurIPS
+    2024) as a LoRA adapter with scaling 1. Returns rank >= 1 (a zero matrix gives one zero
+    component). Computed in float64, returned in the input's dtype.
+    """
+    m = _as_matrix(matrix, "matrix")
+    u, s, vt = np.linalg.svd(m.astype(np.float64), full_matrices=False)
+    keep = max(1, int(np.sum(s > rtol * s[0])) if s.size and s[0] > 0 else 1)
+    dtype = _out_dtype(m)
+    return (u[:, :keep] * s[:keep]).astype(dtype), vt[:keep].astype(dtype)

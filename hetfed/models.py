@@ -137,7 +137,7 @@ def build_classifier(
         raise ConfigError(
             "model.name", cfg.name, f"a local model folder or a reachable Hub name ({_short(err)})"
         ) from err
-    model.name_or_path = cfg.name  # peft records it as the adapter's base model
+    model.name_or_path = source  # peft records it as the base model (a local folder if packaged)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model.eval()

@@ -73,3 +73,25 @@ def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
     """The per-round records of a results folder."""
     lines = (Path(folder) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def summary_table(folders: list[str | Path]) -> str:
+    """A Markdown table comparing finished runs (one row per results folder)."""
+    rows = [
+        "| run | strategy | final acc. | best acc. | MB down | MB up | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for folder in folders:
+        path = Path(folder) / "summary.json"
+        if not path.is_file():
+            rows.append(
+                f"| {Path(folder).name} | (no summary.json: failed or unfinished) | | | | | |"
+            )
+            continue
+        s = json.loads(path.read_text(encoding="utf-8"))
+        rows.append(
+            f"| {Path(folder).name} | {s['strategy'].split(':')[0]} | {s['final_accuracy']:.4f} "
+            f"| {s['best_accuracy']:.4f} | {s['bytes_down'] / 1e6:.1f} | {s['bytes_up'] / 1e6:.1f}"
+            f" | {s['seconds']:.0f} |"
+        )
+    return "\n".join(rows)

@@ -41,22 +41,47 @@ TIER = "tier"
 
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
+# A dense change of a frozen base weight (d_out x d_in) that the client adds to the base layer
+# before training: FLoRA merges stacked updates into the base model this way.
+BASE_DELTA_SUFFIX = ".base_layer.delta"
 
 State = dict[str, np.ndarray]
 LoraPairs = dict[str, tuple[np.ndarray, np.ndarray]]  # module -> (B, A)
 
 
 def split_state(state: Mapping[str, np.ndarray]) -> tuple[LoraPairs, State]:
-    """Separate LoRA factor pairs (by module name) from the head's arrays."""
+    """Separate LoRA factor pairs (by module name) from the head's arrays.
+
+    Base-weight deltas (:func:`base_deltas`) belong to neither and are left out.
+    """
     pairs: LoraPairs = {}
     head: State = {}
     for key, value in state.items():
         if key.endswith(_A_SUFFIX):
             module = key[: -len(_A_SUFFIX)]
             pairs[module] = (state[module + _B_SUFFIX], value)
-        elif not key.endswith(_B_SUFFIX):
+        elif not key.endswith((_B_SUFFIX, BASE_DELTA_SUFFIX)):
             head[key] = value
     return pairs, head
+
+
+def base_deltas(state: Mapping[str, np.ndarray]) -> State:
+    """Dense base-weight deltas by module name (empty for every method but merging ones)."""
+    return {
+        key[: -len(BASE_DELTA_SUFFIX)]: value
+        for key, value in state.items()
+        if key.endswith(BASE_DELTA_SUFFIX)
+    }
+
+
+def with_base_deltas(state: Mapping[str, np.ndarray], deltas: Mapping[str, np.ndarray]) -> State:
+    """``state`` plus the given base-weight deltas (by module name)."""
+    return {**state, **{module + BASE_DELTA_SUFFIX: d for module, d in deltas.items()}}
+
+
+def trainable(state: Mapping[str, np.ndarray]) -> State:
+    """What a client trains and returns: everything but base-weight deltas."""
+    return {k: v for k, v in state.items() if not k.endswith(BASE_DELTA_SUFFIX)}
 
 
 def join_state(pairs: LoraPairs, head: Mapping[str, np.ndarray]) -> State:
@@ -73,9 +98,10 @@ def map_lora(
     state: Mapping[str, np.ndarray],
     fn: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
 ) -> State:
-    """Apply ``fn(B, A) -> (B', A')`` to every LoRA module; the head is kept as it is."""
-    pairs, head = split_state(state)
-    return join_state({module: fn(b, a) for module, (b, a) in pairs.items()}, head)
+    """Apply ``fn(B, A) -> (B', A')`` to every LoRA module; everything else is kept as it is."""
+    pairs, _ = split_state(state)
+    rest = {k: v for k, v in state.items() if not k.endswith((_A_SUFFIX, _B_SUFFIX))}
+    return join_state({module: fn(b, a) for module, (b, a) in pairs.items()}, rest)
 
 
 def truncate_state(state: Mapping[str, np.ndarray], rank: int) -> State:

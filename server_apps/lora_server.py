@@ -9,7 +9,7 @@ global adapter as a standard PEFT folder ``adapter/``.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from logging import INFO
 from pathlib import Path
 
@@ -18,13 +18,17 @@ from flwr.common.config import get_project_dir
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from hetfed import lora_algebra as la
 from hetfed import wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.data import load_splits
 from hetfed.models import build_classifier
 from hetfed.results import ResultsWriter, RoundRecord
 from hetfed.run_plan import plan_run
-from hetfed.training import encode, evaluate
+from hetfed.server_model import ServerModel
+from hetfed.training import Encoded, encode
+from hetfed.wire import State
+from strategies.base import RoundStats
 
 app = ServerApp()
 
@@ -34,6 +38,25 @@ def _project_dir(grid: Grid) -> Path | None:
     if not run.fab_id:
         return None
     return get_project_dir(run.fab_id, run.fab_version, run.fab_hash)
+
+
+def merged_adapter(spec: LoraSpec, state: State, deltas: State) -> tuple[LoraSpec, State]:
+    """Fold dense base deltas into an equivalent LoRA adapter (scaling 1) for export.
+
+    Methods that merge updates into the base weights (FLoRA) have no adapter of their own; the
+    exported one reproduces ``W0 + delta + s B A`` exactly, at the numerical rank of the sum.
+    """
+    if not deltas:
+        return spec, state
+    pairs, head = wire.split_state(state)
+    scaling = spec.alpha / spec.rank
+    factors = {
+        module: la.low_rank_factors(deltas.get(module, 0) + scaling * (b @ a))
+        for module, (b, a) in pairs.items()
+    }
+    rank = max(a.shape[0] for _, a in factors.values())
+    padded = {module: la.pad(b, a, rank) for module, (b, a) in factors.items()}
+    return replace(spec, rank=rank, alpha=float(rank)), wire.join_state(padded, head)
 
 
 @app.main()
@@ -52,39 +75,37 @@ def main(grid: Grid, context: Context) -> None:
 
     splits = load_splits(settings.data)
     model, tokenizer = build_classifier(settings.model, len(splits.label_names), settings.seed)
-    host = AdapterHost(model, settings.model.name)
-    test = encode(
-        list(splits.test["text"]), list(splits.test["label"]), tokenizer, settings.model.max_length
+
+    def tokenized(dataset) -> Encoded:
+        return encode(
+            list(dataset["text"]), list(dataset["label"]), tokenizer, settings.model.max_length
+        )
+
+    server = ServerModel(
+        settings,
+        AdapterHost(model),
+        tokenized(splits.test),
+        tokenized(splits.server) if splits.server is not None else None,
+        splits.label_names,
     )
-    global_spec = LoraSpec(
-        strategy.global_rank(),
-        strategy.client_alpha(strategy.global_rank()),
-        settings.lora.modules(),
-        settings.lora.dropout,
-    )
-    initial = host.initial_state(global_spec, seed=settings.seed)
+    strategy.bind(server)
     run_started = last_time = time.perf_counter()
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         nonlocal last_time
-        with host.lock:
-            accuracy, loss = evaluate(
-                host.set_state(global_spec, wire.from_record(arrays)),
-                test,
-                settings.train.eval_batch_size,
-            )
+        accuracy, loss = server.evaluate(*strategy.model_view(wire.from_record(arrays)))
         now = time.perf_counter()
-        stats = strategy.stats.get(server_round)
+        stats = strategy.stats.get(server_round, RoundStats())
         record = RoundRecord(
             round=server_round,
             accuracy=accuracy,
             loss=loss,
-            sampled=stats.sampled if stats else 0,
-            replied=stats.replied if stats else 0,
-            failed=stats.failed if stats else 0,
-            bytes_down=stats.bytes_down if stats else 0,
-            bytes_up=stats.bytes_up if stats else 0,
-            train_loss=stats.train_loss if stats else None,
+            sampled=stats.sampled,
+            replied=stats.replied,
+            failed=stats.failed,
+            bytes_down=stats.bytes_down,
+            bytes_up=stats.bytes_up,
+            train_loss=stats.train_loss,
             seconds=now - last_time,
         )
         last_time = now
@@ -105,6 +126,7 @@ def main(grid: Grid, context: Context) -> None:
         )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
+    initial = strategy.initial_state()
     result = strategy.start(
         grid=grid,
         initial_arrays=wire.to_record(initial),
@@ -114,16 +136,19 @@ def main(grid: Grid, context: Context) -> None:
     )
     final_state = wire.from_record(result.arrays) if len(result.arrays) else initial
     final = writer.records[-1]
-    adapter_dir = host.export(
-        global_spec,
-        final_state,
-        writer.folder / "adapter",
-        extra={
-            "model": asdict(settings.model),
-            "label_names": splits.label_names,
-            "final_accuracy": final.accuracy,
-        },
-    )
+    export_spec, export_state = merged_adapter(*strategy.model_view(final_state))
+    with server.host.lock:
+        server.host.set_base_deltas({})  # the exported adapter is relative to the pristine base
+        adapter_dir = server.host.export(
+            export_spec,
+            export_state,
+            writer.folder / "adapter",
+            extra={
+                "model": asdict(settings.model),
+                "label_names": splits.label_names,
+                "final_accuracy": final.accuracy,
+            },
+        )
     writer.plot(f"{strategy.name} on {settings.data.source} ({settings.model.name})")
     writer.write_summary(
         {
@@ -136,7 +161,7 @@ def main(grid: Grid, context: Context) -> None:
             "bytes_up": sum(r.bytes_up for r in writer.records),
             "failed_replies": sum(r.failed for r in writer.records),
             "seconds": time.perf_counter() - run_started,
-            "global_rank": global_spec.rank,
+            "global_rank": strategy.global_rank(),
             "tiers": {name: tier.rank for name, tier in plan.profiles.tiers.items()},
             "node_budgets": dict(sorted((str(k), v.tier) for k, v in strategy.budgets.items())),
             "adapter": str(adapter_dir),

@@ -6,12 +6,15 @@ message the first time a node is sampled), building one message per node with th
 node can afford, validating replies, averaging the task head, and counting bytes and failures
 per round. A method subclasses it and overrides a few hooks:
 
-- :meth:`global_rank` - the rank of the server's global adapter;
-- :meth:`client_rank` / :meth:`client_config` - what a node is sent (default: its tier's rank);
+- :meth:`global_rank` / :meth:`initial_state` - the server's global adapter;
+- :meth:`client_rank`, :meth:`client_alpha`, :meth:`client_config`, :meth:`distribute` - what a
+  node is sent (default: the truncation of the global adapter to its tier's rank);
 - :meth:`allowed_reply_ranks` - the ranks a node may answer with;
 - :meth:`aggregate_lora` - the method's aggregation rule (the math lives in
-  :mod:`hetfed.lora_algebra`);
-- :meth:`accept` - per-node bookkeeping after a valid reply.
+  :mod:`hetfed.lora_algebra`), or :meth:`aggregate` for methods whose global state is more than
+  one adapter;
+- :meth:`accept` - per-node bookkeeping after a valid reply;
+- :meth:`model_view` - which model the server evaluates and exports.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from flwr.serverapp.strategy import Strategy
 
 from hetfed import lora_algebra as la
 from hetfed import wire
+from hetfed.adapters import LoraSpec
 from hetfed.config import RunSettings
 from hetfed.profiles import DeviceProfiles
+from hetfed.server_model import ServerModel
 from hetfed.wire import LoraPairs, State
 
 
@@ -96,11 +101,29 @@ class LoRAStrategy(Strategy):
         self._rng = random.Random(settings.seed)
         self._sent: dict[int, tuple[int, State]] = {}  # node -> (rank, arrays) of this round
         self._global_state: State = {}  # the global adapter this round started from
+        self.server: ServerModel | None = None
 
     # ------------------------------------------------------------------ hooks for methods
     def global_rank(self) -> int:
         """Rank of the server's global adapter: the largest budget by default."""
         return self.profiles.max_rank
+
+    def global_spec(self) -> LoraSpec:
+        rank = self.global_rank()
+        lora = self.settings.lora
+        return LoraSpec(rank, self.client_alpha(rank), lora.modules(), lora.dropout)
+
+    def bind(self, server: ServerModel) -> None:
+        """Receive the ServerApp's model (for server-side computation) before the first round."""
+        self.server = server
+
+    def initial_state(self) -> State:
+        """The global state before round 1: a fresh adapter at the global rank (seeded)."""
+        return self.server.host.initial_state(self.global_spec(), seed=self.settings.seed)
+
+    def model_view(self, global_state: State) -> tuple[LoraSpec, State, State]:
+        """The one model the server evaluates and exports: (spec, adapter arrays, base deltas)."""
+        return self.global_spec(), wire.trainable(global_state), wire.base_deltas(global_state)
 
     def client_rank(self, node_id: int) -> int:
         """The rank node ``node_id`` trains this round (its budget by default)."""
@@ -120,6 +143,17 @@ class LoRAStrategy(Strategy):
 
     def allowed_reply_ranks(self, node_id: int, sent_rank: int) -> set[int]:
         return {sent_rank}
+
+    def aggregate(
+        self, server_round: int, updates: list[ClientUpdate], global_state: State
+    ) -> State:
+        """New global state: the method's LoRA rule, the p_k-averaged head, deltas unchanged."""
+        global_lora, global_head = wire.split_state(global_state)
+        new_lora = self.aggregate_lora(server_round, updates, global_lora)
+        new_head = self.aggregate_head(updates, global_head)
+        return wire.with_base_deltas(
+            wire.join_state(new_lora, new_head), wire.base_deltas(global_state)
+        )
 
     @abstractmethod
     def aggregate_lora(
@@ -172,7 +206,7 @@ class LoRAStrategy(Strategy):
                 {wire.ARRAYS: wire.to_record(state), wire.CONFIG: ConfigRecord(node_config)}
             )
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
-            self._sent[node_id] = (rank, state)
+            self._sent[node_id] = (rank, wire.trainable(state))
             stats.bytes_down += wire.nbytes(state)
         stats.ranks = {str(n): self._sent[n][0] for n in node_ids}
         log(
@@ -200,9 +234,7 @@ class LoRAStrategy(Strategy):
             return None, None
         for update in updates:
             self.accept(update)
-        global_pairs, global_head = wire.split_state(self._global_state)
-        new_pairs = self.aggregate_lora(server_round, updates, global_pairs)
-        new_head = self.aggregate_head(updates, global_head)
+        new_state = self.aggregate(server_round, updates, self._global_state)
         weights = la.normalize_weights([u.num_examples for u in updates])
         stats.train_loss = float(
             sum(w * u.metrics[wire.TRAIN_LOSS] for w, u in zip(weights, updates, strict=False))
@@ -213,7 +245,7 @@ class LoRAStrategy(Strategy):
                 wire.NUM_EXAMPLES: sum(u.num_examples for u in updates),
             }
         )
-        return wire.to_record(wire.join_state(new_pairs, new_head)), metrics
+        return wire.to_record(new_state), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

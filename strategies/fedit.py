@@ -15,6 +15,7 @@ from hetfed import lora_algebra as la
 from hetfed.errors import ConfigError
 from hetfed.wire import LoraPairs
 from strategies.base import ClientUpdate, LoRAStrategy
+from strategies.zeropad import pad_and_sum
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,5 @@ class FedIT(LoRAStrategy):
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
     ) -> LoraPairs:
         weights = la.normalize_weights([u.num_examples for u in updates])
-        lora = [u.lora for u in updates]
-        return {
-            module: (
-                la.weighted_sum([pairs[module][0] for pairs in lora], weights),
-                la.weighted_sum([pairs[module][1] for pairs in lora], weights),
-            )
-            for module in global_lora
-        }
+        # every factor has the global rank, so padding is the identity: plain FedAvg
+        return pad_and_sum([u.lora for u in updates], global_lora, self.global_rank(), weights)

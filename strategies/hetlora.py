@@ -21,6 +21,7 @@ from hetfed import wire
 from hetfed.errors import ConfigError
 from hetfed.wire import LoraPairs
 from strategies.base import ClientUpdate, LoRAStrategy
+from strategies.zeropad import pad_and_sum
 
 WEIGHTINGS = ("sparsity", "sparsity-per-module", "uniform")
 
@@ -112,11 +113,7 @@ class HetLoRA(LoRAStrategy):
             weights = {m: uniform for m in global_lora}
         else:
             weights = sparsity_weights(lora, self.options.weighting == "sparsity-per-module")
-        aggregated = {}
-        for module in global_lora:
-            padded = [la.pad(*pairs[module], r_max) for pairs in lora]
-            aggregated[module] = (
-                la.weighted_sum([b for b, _ in padded], weights[module]),
-                la.weighted_sum([a for _, a in padded], weights[module]),
-            )
+        aggregated: LoraPairs = {}
+        for module in global_lora:  # zero-padding with this module's weights
+            aggregated |= pad_and_sum(lora, [module], r_max, weights[module])
         return aggregated

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -128,23 +129,44 @@ def write_scenario(
     return folder
 
 
-@pytest.fixture(scope="session")
-def flower_home(tmp_path_factory):
-    """A private FLWR_HOME; the local SuperLink that flwr starts there is stopped at the end."""
-    home = tmp_path_factory.mktemp("flwr-home")
-    yield home
-    _stop_local_superlink(home)
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Flower stamps messages with the running task's identity; give tests one."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
-def _stop_local_superlink(home: Path) -> None:
+def _local_superlinks() -> dict[int, list[bytes]]:
+    """Running flower-superlink processes and their environments."""
     out = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True)
+    found = {}
     for pid in out.stdout.split():
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            found[int(pid)] = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
+    return found
+
+
+@pytest.fixture(scope="session")
+def flower_home(tmp_path_factory):
+    """A private FLWR_HOME; the local SuperLink that flwr starts there is stopped at the end.
+
+    flwr reuses any local SuperLink already listening on its fixed port, and that one runs the
+    apps of the environment that started it: refuse to test against another environment's.
+    """
+    venv_bin = str(Path(sys.executable).parent).encode()
+    for pid, environ in _local_superlinks().items():
+        path = next((e for e in environ if e.startswith(b"PATH=")), b"")
+        if venv_bin not in path:
+            pytest.fail(
+                f"a local flower-superlink (pid {pid}) from another environment is "
+                "running; stop it (pkill -f flower-superlink) to run end-to-end tests"
+            )
+    home = tmp_path_factory.mktemp("flwr-home")
+    yield home
+    for pid, environ in _local_superlinks().items():
         if f"FLWR_HOME={home}".encode() in environ:
-            os.kill(int(pid), signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
 
 
 @pytest.fixture

@@ -19,42 +19,57 @@ from hetfed.results import read_metrics
 from hetfed.training import encode, evaluate
 from tests.conftest import write_scenario
 
+# Options some strategies need beyond the tiny scenario's.
+EXTRA_CONFIG = {"helora-kd": {"data.server-examples": 64}}
 
-@pytest.mark.parametrize("strategy", ["hetlora", "fedit"])
-def test_strategy_runs_end_to_end_and_learns(run_scenario, tiny_config, strategy):
-    proc, results = run_scenario({**tiny_config, "strategy": strategy})
+
+def exported_accuracy(results: Path, config: dict) -> float:
+    """Accuracy of ``results/adapter`` loaded with plain peft on a freshly built base model."""
+    splits = load_splits(
+        DataConfig(
+            source=config["data.source"], server_examples=config.get("data.server-examples", 0)
+        )
+    )
+    cfg = ModelConfig(name=config["model.name"], max_length=config["model.max-length"])
+    base, tokenizer = build_classifier(cfg, len(splits.label_names), seed=config["seed"])
+    model = PeftModel.from_pretrained(base, results / "adapter")
+    test = encode(list(splits.test["text"]), list(splits.test["label"]), tokenizer, cfg.max_length)
+    return evaluate(model, test, batch_size=64)[0]
+
+
+def test_hetlora_end_to_end(run_scenario, tiny_config):
+    proc, results = run_scenario(tiny_config)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "finished:completed" in proc.stdout
+    assert "ranks [2, 2, 4, 8]" in proc.stdout  # each tier trains at its own rank
     rounds = read_metrics(results)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
-    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.05
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
     assert all(r["replied"] == 4 and r["failed"] == 0 for r in rounds[1:])
     assert all(r["bytes_down"] > 0 and r["bytes_up"] > 0 for r in rounds[1:])
     summary = json.loads((results / "summary.json").read_text())
     assert summary["final_accuracy"] == rounds[-1]["accuracy"]
+    assert sorted(summary["node_budgets"].values()) == ["large", "medium", "small", "small"]
     assert (results / "accuracy.png").stat().st_size > 1000
-    tiers = sorted(summary["node_budgets"].values())
-    assert tiers == ["large", "medium", "small", "small"]
+    assert exported_accuracy(results, tiny_config) == pytest.approx(rounds[-1]["accuracy"])
 
 
-def test_exported_adapter_reproduces_final_accuracy(run_scenario, tiny_config):
-    proc, results = run_scenario(tiny_config)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    final = read_metrics(results)[-1]["accuracy"]
-    data = DataConfig(source=tiny_config["data.source"])
-    splits = load_splits(data)
-    cfg = ModelConfig(name="tiny-random-bert", max_length=32)
-    base, tokenizer = build_classifier(cfg, len(splits.label_names), seed=tiny_config["seed"])
-    model = PeftModel.from_pretrained(base, results / "adapter")
-    test = encode(list(splits.test["text"]), list(splits.test["label"]), tokenizer, 32)
-    accuracy, _ = evaluate(model, test, batch_size=64)
-    assert accuracy == pytest.approx(final, abs=1e-9)
-
-
-def test_heterogeneous_ranks_reach_each_tier(run_scenario, tiny_config):
-    proc, results = run_scenario({**tiny_config, "num-server-rounds": 1})
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    assert "ranks [2, 2, 4, 8]" in proc.stdout
+@pytest.mark.parametrize(
+    "strategy", ["fedit", "zeropad", "helora-pad", "rbla", "flexlora", "flora", "helora-kd"]
+)
+def test_strategy_learns_end_to_end(run_scenario, tiny_config, strategy):
+    config = {
+        **tiny_config,
+        "strategy": strategy,
+        "num-server-rounds": 2,
+        **EXTRA_CONFIG.get(strategy, {}),
+    }
+    proc, results = run_scenario(config)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rounds = read_metrics(results)
+    assert [r["replied"] for r in rounds] == [0, 4, 4]
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.1
+    assert exported_accuracy(results, config) == pytest.approx(rounds[-1]["accuracy"])
 
 
 def test_unknown_strategy_fails_before_training(run_scenario, tiny_config):
@@ -81,6 +96,7 @@ def test_plain_flwr_run_failure_is_seen_in_run_status(flower_home, tmp_path, tin
         text=True,
         timeout=300,
     )
+    assert proc.returncode == 0  # the reason hetfed run checks the status
     run_id = re.search(r"Successfully started run (\d+)", proc.stdout).group(1)
     assert run_status(run_id, env) == "finished:failed"
     assert "no-such-method" in proc.stdout and "registered strategy" in proc.stdout

@@ -1,105 +1,15 @@
-"""Strategies on real Flower messages: distribution, reply validation, aggregation formulas.
-
-The ClientApp is replaced by explicit replies here so each aggregation rule can be checked
-exactly; the end-to-end tests run the real ClientApp through the Simulation Engine.
-"""
+"""FedIT and HetLoRA on real Flower messages: distribution, reply validation, aggregation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from hetfed import lora_algebra as la
 from hetfed import wire
-from hetfed.config import RunSettings
-from hetfed.profiles import parse_profiles
 from strategies.fedit import FedIT, FedITOptions
 from strategies.hetlora import HetLoRA, HetLoRAOptions, pruned_rank
-
-PROFILES = parse_profiles(
-    "tiers: {s: {rank: 2}, m: {rank: 4}, l: {rank: 8}}\nassignment: {by-partition: [s, m, l]}"
-)
-MODULES = ("layer.0.query", "layer.0.value", "layer.1.query")
-D_OUT, D_IN, LABELS = 12, 10, 3
-
-
-class InProcessGrid:
-    """Flower's Grid interface over three nodes that answer budget queries like the ClientApp."""
-
-    def __init__(self, tiers=("s", "m", "l")):
-        self.tiers = {1000 + i: t for i, t in enumerate(tiers)}
-
-    def get_node_ids(self):
-        return list(self.tiers)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for msg in messages:
-            tier = PROFILES.tier(self.tiers[msg.metadata.dst_node_id])
-            budget = ConfigRecord({wire.TIER: tier.name, wire.RANK: tier.rank})
-            replies.append(_reply(msg, RecordDict({wire.BUDGET: budget})))
-        return replies
-
-
-def _reply(msg: Message, content: RecordDict) -> Message:
-    return Message(content, reply_to=msg)  # its source is the node the message went to
-
-
-@pytest.fixture(autouse=True)
-def server_identity():
-    """Flower stamps messages with the running task's identity; give the test one."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
-def global_state(rng, rank=8):
-    state = {}
-    for m in MODULES:
-        state[f"{m}.lora_A.weight"] = rng.normal(size=(rank, D_IN)).astype(np.float32)
-        state[f"{m}.lora_B.weight"] = rng.normal(size=(D_OUT, rank)).astype(np.float32)
-    state["classifier.weight"] = rng.normal(size=(LABELS, D_OUT)).astype(np.float32)
-    state["classifier.bias"] = rng.normal(size=(LABELS,)).astype(np.float32)
-    return state
-
-
-def make(strategy_cls, options):
-    settings = RunSettings(min_train_nodes=1, min_available_nodes=3)
-    return strategy_cls(settings, PROFILES, options)
-
-
-def train_round(strategy, state, reply_fn, server_round=1):
-    """configure_train -> replies made by ``reply_fn(node, rank, sent_arrays)`` -> aggregate."""
-    grid = InProcessGrid()
-    messages = list(
-        strategy.configure_train(server_round, wire.to_record(state), ConfigRecord(), grid)
-    )
-    replies = []
-    for msg in messages:
-        node = msg.metadata.dst_node_id
-        rank = int(msg.content[wire.CONFIG][wire.RANK])
-        content = reply_fn(node, rank, wire.from_record(msg.content[wire.ARRAYS]))
-        replies.append(_reply(msg, content))
-    arrays, _ = strategy.aggregate_train(server_round, replies)
-    return messages, (wire.from_record(arrays) if arrays is not None else None)
-
-
-def trained(rng, n_examples=None, rank_override=None, mutate=None):
-    """A reply function returning random 'trained' arrays of the sent shapes."""
-    sent = {}
-
-    def reply(node, rank, arrays):
-        r = rank_override(node, rank) if rank_override else rank
-        new = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in arrays.items()}
-        new = wire.truncate_state(new, r)
-        if mutate:
-            new = mutate(node, new)
-        sent[node] = new
-        examples = n_examples[node] if n_examples else 10
-        metrics = MetricRecord({wire.NUM_EXAMPLES: examples, wire.RANK: r, wire.TRAIN_LOSS: 1.0})
-        return RecordDict({wire.ARRAYS: wire.to_record(new), wire.METRICS: metrics})
-
-    return reply, sent
+from tests.harness import D_OUT, MODULES, global_state, make, train_round, trained
 
 
 def test_hetlora_sends_truncations_of_each_budget():

@@ -1,0 +1,52 @@
+"""The model the ServerApp holds, lent to strategies that compute on the server.
+
+Central evaluation uses it every round; HeLoRA-KD trains its group models on the public split
+with it. It is the same frozen base model and :class:`~hetfed.adapters.AdapterHost` the clients
+use, built once in the ServerApp process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hetfed.adapters import AdapterHost, LoraSpec
+from hetfed.config import RunSettings
+from hetfed.training import Encoded, evaluate
+
+
+@dataclass
+class ServerModel:
+    settings: RunSettings
+    host: AdapterHost
+    test: Encoded
+    public: Encoded | None  # the server split (``data.server-examples``), if any
+    label_names: list[str]
+
+    def spec(self, rank: int, alpha: float) -> LoraSpec:
+        lora = self.settings.lora
+        return LoraSpec(rank, alpha, lora.modules(), lora.dropout)
+
+    def load(
+        self,
+        spec: LoraSpec,
+        state: dict[str, np.ndarray],
+        base_deltas: dict[str, np.ndarray] | None = None,
+    ):
+        """Activate ``spec``'s adapter with ``state`` on the base model changed by the deltas."""
+        with self.host.lock:
+            model = self.host.set_state(spec, state)
+            self.host.set_base_deltas(base_deltas or {})
+            return model
+
+    def evaluate(
+        self,
+        spec: LoraSpec,
+        state: dict[str, np.ndarray],
+        base_deltas: dict[str, np.ndarray] | None = None,
+    ) -> tuple[float, float]:
+        """Accuracy and loss on the test split."""
+        with self.host.lock:
+            model = self.load(spec, state, base_deltas)
+            return evaluate(model, self.test, self.settings.train.eval_batch_size)

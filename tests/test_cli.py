@@ -1,0 +1,63 @@
+"""The hetfed command: strategy listing and early, clear errors for bad scenarios."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetfed.cli import main
+from tests.conftest import REPO, TINY_PROFILES, write_scenario
+
+RANK_METHODS = [
+    "fedit",
+    "hetlora",
+    "zeropad",
+    "helora-pad",
+    "helora-kd",
+    "flora",
+    "flexlora",
+    "rbla",
+]
+
+
+def test_strategies_lists_every_rank_method(capsys):
+    assert main(["strategies"]) == 0
+    out = capsys.readouterr().out
+    for name in RANK_METHODS:
+        assert f"\n{name} " in out
+    assert "BROKEN" not in out
+    assert "strategies.hetlora:HetLoRA" in out
+
+
+def test_packaged_scenarios_check(capsys):
+    for name in ("quickstart", "rank-padding", "rank-exact", "rank-distillation"):
+        assert main(["check", str(REPO / "scenarios" / name)]) == 0
+    assert "ok: strategy hetlora" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("config", "profiles", "expected"),
+    [
+        ({"strategy": "nope"}, TINY_PROFILES, ["'strategy'", "'nope'", "hetlora", "flexlora"]),
+        ({"train.local-step": 3}, TINY_PROFILES, ["'train.local-step'", "known keys"]),
+        ({"data.source": "/no/such/folder"}, TINY_PROFILES, ["'data.source'", "/no/such/folder"]),
+        ({"lora.target-modules": "qkv"}, TINY_PROFILES, ["'lora.target-modules'", "query"]),
+        ({}, "tiers: {a: {rank: 0}}", ["tiers.a.rank", "0", ">= 1"]),
+        ({}, "tiers: {a: {rank: 500}}", ["tiers.a.rank", "500", "[1, 32]"]),
+        ({}, "tiers: {a: {rank: 2}}\nassignment: {ratios: {b: 1}}", ["assignment.ratios.b"]),
+        ({"profiles": "missing.yaml"}, TINY_PROFILES, ["'profiles'", "missing.yaml"]),
+    ],
+)
+def test_bad_scenarios_fail_with_key_value_and_allowed(
+    tmp_path, capsys, config, profiles, expected
+):
+    base = {"strategy": "hetlora", "model.name": "tiny-random-bert", "profiles": "profiles.yaml"}
+    folder = write_scenario(tmp_path / "s", {**base, **config}, profiles)
+    assert main(["check", str(folder)]) == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err, err
+
+
+def test_override_of_an_unknown_key_is_refused(capsys):
+    assert main(["check", str(REPO / "scenarios" / "quickstart"), "-c", "num-rounds=3"]) == 2
+    assert "'num-rounds'" in capsys.readouterr().err
