@@ -91,6 +91,10 @@ def local_data(settings: RunSettings, node_config: dict) -> Encoded:
     return _encoded_partition(settings, data, partition)
 
 
+def _in_layers(state: dict, layers: list[int] | None) -> dict:
+    return state if layers is None else wire.restrict_to_layers(state, layers)
+
+
 def _client_index(context: Context) -> int:
     """A stable per-client number for seeding (node ids change between runs, partitions do not)."""
     return int(context.node_config.get(PARTITION_ID, context.node_id % 1_000_003))
@@ -125,22 +129,24 @@ def train(msg: Message, context: Context) -> Message:
     data = local_data(settings, context.node_config)
     worker = _worker(settings)
     prune = wire.PRUNE_GAMMA in config
+    layers = [int(i) for i in config[wire.LAYERS]] if wire.LAYERS in config else None
     with worker.host.lock:
         model = worker.host.set_state(spec, arrays)
         worker.host.set_base_deltas(wire.base_deltas(received))  # FLoRA's merged base, if any
         penalty, keep, score_before = None, rank, 0.0
         if prune:
             keep = keep_rank(rank, float(config[wire.PRUNE_GAMMA]))
-            score_before = tail_score(arrays, keep)
+            score_before = tail_score(_in_layers(arrays, layers), keep)
             penalty = tail_penalty(model, spec.name, keep, float(config[wire.PRUNE_LAMBDA]))
-        result = train_steps(
-            model,
-            data,
-            settings.train,
-            penalty=penalty,
-            seed=int(config[wire.SEED]) + _client_index(context),
-        )
-        state = worker.host.get_state(spec)
+        with worker.host.train_only_layers(spec, layers):
+            result = train_steps(
+                model,
+                data,
+                settings.train,
+                penalty=penalty,
+                seed=int(config[wire.SEED]) + _client_index(context),
+            )
+        state = _in_layers(worker.host.get_state(spec), layers)  # only what was trained
     if prune and tail_score(state, keep) < score_before:
         rank = max(int(config[wire.PRUNE_MIN_RANK]), keep)
         state = wire.truncate_state(state, rank)

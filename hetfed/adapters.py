@@ -14,6 +14,8 @@ import json
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
+
+from hetfed import wire
 
 HEAD_MODULES = ("classifier",)
 
@@ -105,6 +109,31 @@ class AdapterHost:
             tensors[key] = torch.as_tensor(np.asarray(state[key]), dtype=ref.dtype)
         set_peft_model_state_dict(model, tensors, adapter_name=spec.name)
         return model
+
+    @contextmanager
+    def train_only_layers(self, spec: LoraSpec, layers: Iterable[int] | None) -> Iterator[None]:
+        """Freeze the LoRA modules of ``spec``'s adapter outside ``layers`` (all if None).
+
+        A module belongs to the block whose index matches exactly (:func:`hetfed.wire.layer_of`).
+        The frozen modules still act in the forward pass with the values the client received.
+        """
+        if layers is None:
+            yield
+            return
+        keep = set(layers)
+        frozen = []
+        for name, module in self.activate(spec).named_modules():
+            if spec.name in getattr(module, "lora_A", {}) and wire.layer_of(name) not in keep:
+                for factor in (module.lora_A[spec.name], module.lora_B[spec.name]):
+                    for parameter in factor.parameters():
+                        if parameter.requires_grad:
+                            parameter.requires_grad_(False)
+                            frozen.append(parameter)
+        try:
+            yield
+        finally:
+            for parameter in frozen:
+                parameter.requires_grad_(True)
 
     def set_base_deltas(self, deltas: dict[str, np.ndarray]) -> None:
         """Make each LoRA-wrapped module's base weight ``W0 + delta`` (``W0`` where none given).

@@ -118,11 +118,17 @@ def run(folder: str | Path, overrides: list[str]) -> int:
     with subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as process:
-        for line in process.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            match = re.search(r"Successfully started run (\d+)", line)
-            run_id = run_id or (match.group(1) if match else None)
+        try:
+            for line in process.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                match = re.search(r"Successfully started run (\d+)", line)
+                run_id = run_id or (match.group(1) if match else None)
+        except KeyboardInterrupt:
+            # The run lives in the SuperLink, not in this process: stop it there too.
+            if run_id is not None:
+                subprocess.run(["flwr", "stop", run_id], env=env, check=False)
+            raise
     if process.returncode != 0 or run_id is None:
         print(f"hetfed: flwr run failed (exit code {process.returncode})", file=sys.stderr)
         return process.returncode or 1

@@ -2,9 +2,11 @@
 
 A profile file (YAML)::
 
-    tiers:
-      phone:       {rank: 2, memory-gb: 4,  compute-gflops: 50,  bandwidth-mbps: 10}
-      laptop:      {rank: 4, memory-gb: 16, compute-gflops: 400, bandwidth-mbps: 50}
+    tiers:                                   # rank: LoRA rank; layers (optional): how many
+                                             # transformer blocks carry trainable LoRA, as a
+                                             # count K or a fraction of the model's blocks
+      phone:       {rank: 2, layers: 2, memory-gb: 4, compute-gflops: 50, bandwidth-mbps: 10}
+      laptop:      {rank: 4, layers: 0.5, memory-gb: 16, compute-gflops: 400}
       workstation: {rank: 8, memory-gb: 64, compute-gflops: 4000, bandwidth-mbps: 500}
     assignment:
       ratios: {phone: 5, laptop: 3, workstation: 2}   # or
@@ -27,6 +29,7 @@ from hetfed.errors import ConfigError
 
 TIER_KEYS = {
     "rank": int,
+    "layers": (int, float),
     "memory-gb": (int, float),
     "compute-gflops": (int, float),
     "bandwidth-mbps": (int, float),
@@ -41,10 +44,19 @@ class Tier:
 
     name: str
     rank: int
+    layers: int | float | None = None  # a count K, a fraction of the model's layers, or all
     memory_gb: float | None = None
     compute_gflops: float | None = None
     bandwidth_mbps: float | None = None
     description: str = ""
+
+    def layer_budget(self, num_layers: int) -> int:
+        """How many of the model's ``num_layers`` transformer blocks this tier trains LoRA in."""
+        if self.layers is None:
+            return num_layers
+        if isinstance(self.layers, float):
+            return max(1, round(self.layers * num_layers))
+        return self.layers
 
 
 @dataclass(frozen=True)
@@ -143,9 +155,23 @@ def parse_profiles(text: str, source: str = "profiles") -> DeviceProfiles:
             raise ConfigError(f"{prefix}.rank", None, "an integer >= 1", source)
         if spec["rank"] < 1:
             raise ConfigError(f"{prefix}.rank", spec["rank"], "an integer >= 1", source)
+        layers = spec.get("layers")
+        if (
+            isinstance(layers, int)
+            and layers < 1
+            or isinstance(layers, float)
+            and not (0 < layers <= 1)
+        ):
+            raise ConfigError(
+                f"{prefix}.layers",
+                layers,
+                "a layer count >= 1 or a fraction of the model's layers in (0, 1]",
+                source,
+            )
         tiers[str(name)] = Tier(
             name=str(name),
             rank=spec["rank"],
+            layers=layers,
             memory_gb=spec.get("memory-gb"),
             compute_gflops=spec.get("compute-gflops"),
             bandwidth_mbps=spec.get("bandwidth-mbps"),

@@ -14,7 +14,7 @@ from typing import Any
 from hetfed.config import RunSettings, Scalar, parse_run_config
 from hetfed.data import resolve_source
 from hetfed.errors import ConfigError
-from hetfed.models import max_lora_rank
+from hetfed.models import load_model_config, max_lora_rank
 from hetfed.profiles import DeviceProfiles, load_profiles
 from hetfed.registry import load_strategy
 
@@ -26,9 +26,10 @@ class RunPlan:
     strategy_class: type
     profiles: DeviceProfiles
     max_rank: int
+    num_layers: int
 
     def build_strategy(self):
-        return self.strategy_class(self.settings, self.profiles, self.options)
+        return self.strategy_class(self.settings, self.profiles, self.options, self.num_layers)
 
 
 def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = None) -> RunPlan:
@@ -56,7 +57,17 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
                 f"{settings.lora.target_modules} in {settings.model.name})",
                 profiles.source,
             )
-    plan = RunPlan(settings, options, strategy_class, profiles, limit)
+    num_layers = load_model_config(settings.model).num_hidden_layers
+    for tier in profiles.tiers.values():
+        if isinstance(tier.layers, int) and tier.layers > num_layers:
+            raise ConfigError(
+                f"tiers.{tier.name}.layers",
+                tier.layers,
+                f"an integer in [1, {num_layers}] ({settings.model.name} has "
+                f"{num_layers} layers) or a fraction in (0, 1]",
+                profiles.source,
+            )
+    plan = RunPlan(settings, options, strategy_class, profiles, limit, num_layers)
     rank = plan.build_strategy().global_rank()
     if not 1 <= rank <= limit:
         raise ConfigError(f"{strategy_name}.rank", rank, f"an integer in [1, {limit}]")

@@ -9,7 +9,8 @@ under ``"metrics"`` that states the rank the client actually returns.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -30,6 +31,7 @@ PROFILES = "profiles"
 PRUNE_GAMMA = "prune-gamma"
 PRUNE_LAMBDA = "prune-lambda"
 PRUNE_MIN_RANK = "prune-min-rank"
+LAYERS = "layers"  # the transformer blocks whose LoRA modules the client trains (all if absent)
 
 # Keys of the reply metrics (client -> server).
 NUM_EXAMPLES = "num-examples"
@@ -115,6 +117,36 @@ def state_rank(state: Mapping[str, np.ndarray]) -> int:
     if len(ranks) != 1:
         raise ValueError(f"adapter modules have different ranks: {sorted(ranks)}")
     return ranks.pop()
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)\.")
+
+
+def layer_of(module: str) -> int | None:
+    """The transformer block a module belongs to, matched by its exact index.
+
+    ``...encoder.layer.1.attention.self.query`` is block 1, never 10 or 11 (the Fed-HeLLo code
+    matched digit substrings; hetfed matches ``layer.{i}.`` exactly). Modules outside the
+    blocks (e.g. the head) have no layer.
+    """
+    match = _LAYER_INDEX.search(module + ".")
+    return int(match.group(1)) if match else None
+
+
+def restrict_to_layers(state: Mapping[str, np.ndarray], layers: Iterable[int]) -> State:
+    """The LoRA modules of ``state`` inside ``layers``, plus everything that is not LoRA."""
+    keep = set(layers)
+    pairs, _ = split_state(state)
+    dropped = {m for m in pairs if layer_of(m) not in keep}
+    return {
+        k: v
+        for k, v in state.items()
+        if not k.endswith((_A_SUFFIX, _B_SUFFIX)) or _module(k) not in dropped
+    }
+
+
+def _module(key: str) -> str:
+    return key[: -len(_A_SUFFIX)] if key.endswith(_A_SUFFIX) else key[: -len(_B_SUFFIX)]
 
 
 def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:

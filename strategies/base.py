@@ -49,6 +49,7 @@ class NodeBudget:
 
     tier: str
     rank: int
+    layers: int | None = None  # how many transformer blocks it trains (None: all)
 
 
 @dataclass
@@ -68,6 +69,12 @@ class ClientUpdate:
     @property
     def head(self) -> State:
         return wire.split_state(self.state)[1]
+
+    def restricted(self, modules: list[str]) -> ClientUpdate:
+        """This update with only the given LoRA modules (and the head)."""
+        pairs, head = wire.split_state(self.state)
+        state = wire.join_state({m: pairs[m] for m in modules}, head)
+        return ClientUpdate(self.node_id, self.num_examples, self.rank, state, self.metrics)
 
 
 @dataclass
@@ -91,11 +98,16 @@ class LoRAStrategy(Strategy):
     options_class: ClassVar[type | None] = None
 
     def __init__(
-        self, settings: RunSettings, profiles: DeviceProfiles, options: Any = None
+        self,
+        settings: RunSettings,
+        profiles: DeviceProfiles,
+        options: Any = None,
+        num_layers: int | None = None,
     ) -> None:
         self.settings = settings
         self.profiles = profiles
         self.options = options
+        self.num_layers = num_layers  # transformer blocks of the base model, for layer budgets
         self.budgets: dict[int, NodeBudget] = {}
         self.stats: dict[int, RoundStats] = {}
         self._rng = random.Random(settings.seed)
@@ -137,6 +149,14 @@ class LoRAStrategy(Strategy):
         """Method-specific instructions added to a node's train config."""
         return {}
 
+    def participates(self, node_id: int) -> bool:
+        """Whether a sampled node with a known budget trains (a baseline may exclude tiers)."""
+        return True
+
+    def client_layers(self, server_round: int, node_id: int) -> list[int] | None:
+        """The transformer blocks node ``node_id`` trains this round; None means all."""
+        return None
+
     def distribute(self, global_state: State, rank: int) -> State:
         """The arrays a rank-``rank`` client starts from: truncation of the global adapter."""
         return wire.truncate_state(global_state, rank)
@@ -147,9 +167,24 @@ class LoRAStrategy(Strategy):
     def aggregate(
         self, server_round: int, updates: list[ClientUpdate], global_state: State
     ) -> State:
-        """New global state: the method's LoRA rule, the p_k-averaged head, deltas unchanged."""
+        """New global state: the method's LoRA rule, the p_k-averaged head, deltas unchanged.
+
+        When clients train different layers, each module is aggregated over the clients that
+        returned it (modules with the same contributors go to ``aggregate_lora`` together); a
+        module nobody trained keeps its global value bit for bit.
+        """
         global_lora, global_head = wire.split_state(global_state)
-        new_lora = self.aggregate_lora(server_round, updates, global_lora)
+        by_contributors: dict[tuple[int, ...], list[str]] = {}
+        for module in global_lora:
+            contributors = tuple(i for i, u in enumerate(updates) if module in u.lora)
+            by_contributors.setdefault(contributors, []).append(module)
+        new_lora = dict(global_lora)
+        for contributors, modules in by_contributors.items():
+            if contributors:
+                subset = [updates[i].restricted(modules) for i in contributors]
+                new_lora |= self.aggregate_lora(
+                    server_round, subset, {m: global_lora[m] for m in modules}
+                )
         new_head = self.aggregate_head(updates, global_head)
         return wire.with_base_deltas(
             wire.join_state(new_lora, new_head), wire.base_deltas(global_state)
@@ -187,13 +222,15 @@ class LoRAStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         stats = self.stats.setdefault(server_round, RoundStats())
-        node_ids = self._sample(grid)
-        stats.sampled = len(node_ids)
-        node_ids = self._learn_budgets(grid, node_ids)
+        sampled = self._sample(grid)
+        known = self._learn_budgets(grid, sampled)  # a node that cannot say its budget fails
+        node_ids = [n for n in known if self.participates(n)]
+        stats.sampled = len(node_ids) + len(sampled) - len(known)
         global_state = self._global_state = wire.from_record(arrays)
         messages, self._sent = [], {}
         for node_id in node_ids:
             rank = self.client_rank(node_id)
+            layers = self.client_layers(server_round, node_id)
             state = self.distribute(global_state, rank)
             node_config = {
                 wire.SERVER_ROUND: server_round,
@@ -202,11 +239,15 @@ class LoRAStrategy(Strategy):
                 wire.SEED: self.settings.seed * 100_003 + server_round,
                 **self.client_config(server_round, node_id),
             }
+            expected = wire.trainable(state)
+            if layers is not None:
+                node_config[wire.LAYERS] = sorted(layers)
+                expected = wire.restrict_to_layers(expected, layers)
             content = RecordDict(
                 {wire.ARRAYS: wire.to_record(state), wire.CONFIG: ConfigRecord(node_config)}
             )
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
-            self._sent[node_id] = (rank, wire.trainable(state))
+            self._sent[node_id] = (rank, expected)
             stats.bytes_down += wire.nbytes(state)
         stats.ranks = {str(n): self._sent[n][0] for n in node_ids}
         log(
@@ -292,7 +333,11 @@ class LoRAStrategy(Strategy):
                     )
                     continue
                 budget = reply.content[wire.BUDGET]
-                self.budgets[node_id] = NodeBudget(str(budget[wire.TIER]), int(budget[wire.RANK]))
+                tier = str(budget[wire.TIER])
+                layers = None
+                if self.num_layers is not None and tier in self.profiles.tiers:
+                    layers = self.profiles.tiers[tier].layer_budget(self.num_layers)
+                self.budgets[node_id] = NodeBudget(tier, int(budget[wire.RANK]), layers)
             log(
                 INFO,
                 "budgets: %d nodes known, tiers %s",

@@ -17,10 +17,31 @@ from hetfed.data import DataConfig, load_splits
 from hetfed.models import ModelConfig, build_classifier
 from hetfed.results import read_metrics
 from hetfed.training import encode, evaluate
-from tests.conftest import write_scenario
+from tests.conftest import TINY_PROFILES, write_scenario
 
 # Options some strategies need beyond the tiny scenario's.
-EXTRA_CONFIG = {"helora-kd": {"data.server-examples": 64}}
+EXTRA_CONFIG = {
+    "helora-kd": {"data.server-examples": 64},
+    "fim-hla": {
+        "data.server-examples": 16,
+        "fim-hla.examples": 16,
+        "fim-hla.period": 1,
+        "fim-hla.first-round": 1,
+    },
+}
+# Layer methods run on tiers that train 1 or 2 of the tiny model's 2 blocks.
+LAYER_PROFILES = """\
+tiers:
+  small: {rank: 4, layers: 1}
+  medium: {rank: 4, layers: 1}
+  large: {rank: 4, layers: 2}
+assignment:
+  ratios: {small: 2, medium: 1, large: 1}
+"""
+LAYER_METHODS = ("gd-hla", "rgd-hla", "fim-hla")
+# Every method runs end to end; the default run takes one per code path (merging base deltas,
+# server-side distillation, server-side Fisher), CI's slow job the rest.
+SLOW = pytest.mark.slow
 
 
 def exported_accuracy(results: Path, config: dict) -> float:
@@ -55,7 +76,19 @@ def test_hetlora_end_to_end(run_scenario, tiny_config):
 
 
 @pytest.mark.parametrize(
-    "strategy", ["fedit", "zeropad", "helora-pad", "rbla", "flexlora", "flora", "helora-kd"]
+    "strategy",
+    [
+        pytest.param("fedit", marks=SLOW),
+        pytest.param("zeropad", marks=SLOW),
+        pytest.param("helora-pad", marks=SLOW),
+        pytest.param("rbla", marks=SLOW),
+        pytest.param("flexlora", marks=SLOW),
+        "flora",
+        "helora-kd",
+        pytest.param("gd-hla", marks=SLOW),
+        pytest.param("rgd-hla", marks=SLOW),
+        "fim-hla",
+    ],
 )
 def test_strategy_learns_end_to_end(run_scenario, tiny_config, strategy):
     config = {
@@ -64,7 +97,8 @@ def test_strategy_learns_end_to_end(run_scenario, tiny_config, strategy):
         "num-server-rounds": 2,
         **EXTRA_CONFIG.get(strategy, {}),
     }
-    proc, results = run_scenario(config)
+    profiles = LAYER_PROFILES if strategy in LAYER_METHODS else TINY_PROFILES
+    proc, results = run_scenario(config, profiles)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     rounds = read_metrics(results)
     assert [r["replied"] for r in rounds] == [0, 4, 4]
