@@ -6,6 +6,8 @@
   Simulation Engine with the scenario's ``[tool.hetfed.simulation]`` settings, stream its log,
   and exit non-zero unless the run's status is ``finished:completed``.
 - ``hetfed table RESULTS_DIR ...``: a Markdown table comparing finished runs.
+- ``hetfed sweep SWEEP.yaml [--out DIR]``: run a scenario over strategies, options and seeds
+  (see :mod:`hetfed.sweep`), skipping finished runs, and write one comparison table and plot.
 """
 
 from __future__ import annotations
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             default=[],
             help="override, e.g. -c 'num-server-rounds=3' (repeatable)",
         )
+    sweep = sub.add_parser("sweep", help="run a scenario over strategies/options/seeds")
+    sweep.add_argument("file", help="a sweep YAML file")
+    sweep.add_argument("--out", help="results folder (default: results/<sweep file name>)")
     table = sub.add_parser("table", help="compare finished runs in a Markdown table")
     table.add_argument("results", nargs="+", help="results folders (with summary.json)")
     args = parser.parse_args(argv)
@@ -186,6 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "strategies":
             list_strategies()
             return 0
+        if args.command == "sweep":
+            from hetfed.sweep import load_sweep, run_sweep
+
+            plan = load_sweep(args.file)
+            out = Path(args.out or Path("results") / Path(args.file).stem)
+            rows = run_sweep(plan, out)
+            print((out / "comparison.md").read_text())
+            return 0 if all(r["status"] == "completed" for r in rows) else 1
         if args.command == "table":
             from hetfed.results import summary_table
 
