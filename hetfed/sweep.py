@@ -18,6 +18,7 @@ sweep writes ``comparison.csv``, ``comparison.md`` and ``accuracy.png`` (a line 
 from __future__ import annotations
 
 import csv
+import hashlib
 import shutil
 import tomllib
 from dataclasses import dataclass
@@ -80,7 +81,9 @@ def write_variant(scenario: Path, folder: Path, keys: dict[str, Any]) -> Path:
     config = flatten_dict(app.get("config", {}))
     config.update(keys)
     app["config"] = unflatten_dict(config)
-    doc["project"]["name"] = f"{doc['project']['name']}-{folder.parent.name}"
+    # Flower app names: a letter first, letters, digits and hyphens, at most 32 characters.
+    digest = hashlib.sha1(str(folder).encode()).hexdigest()[:12]
+    doc["project"]["name"] = f"hetfed-sweep-{digest}"
     (folder / "pyproject.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
     return folder
 
@@ -194,7 +197,8 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
     ax.set_ylabel("central test accuracy")
     ax.set_title(sweep.scenario.name)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     plt.close(fig)
