@@ -25,6 +25,7 @@ from abc import abstractmethod
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from logging import INFO, WARNING
 from typing import Any, ClassVar
 
@@ -62,11 +63,11 @@ class ClientUpdate:
     state: State
     metrics: dict[str, float]
 
-    @property
+    @cached_property  # aggregation asks for it once per module
     def lora(self) -> LoraPairs:
         return wire.split_state(self.state)[0]
 
-    @property
+    @cached_property
     def head(self) -> State:
         return wire.split_state(self.state)[1]
 
