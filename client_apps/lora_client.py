@@ -75,9 +75,26 @@ def _encoded_partition(
         dataset = load_splits(data).train
     else:
         dataset = load_partition(data, *partition)
-    return encode(
-        list(dataset["text"]), list(dataset["label"]), worker.tokenizer, settings.model.max_length
-    )
+    labels = list(dataset["label"])
+    if data != settings.data:  # a device's own data: number its labels as the server does
+        labels = server_label_ids(settings, data, labels)
+    return encode(list(dataset["text"]), labels, worker.tokenizer, settings.model.max_length)
+
+
+def server_label_ids(settings: RunSettings, data: DataConfig, labels: list[int]) -> list[int]:
+    """Map label ids of a device's own data to the run's label ids, by label name."""
+    run_names = load_splits(settings.data).label_names
+    local_names = load_splits(data).label_names
+    unknown = sorted(set(local_names) - set(run_names))
+    if unknown:
+        raise ConfigError(
+            "node-config data-path",
+            data.source,
+            f"data whose labels are among the run's: {', '.join(run_names)} "
+            f"(unknown: {', '.join(map(str, unknown[:5]))})",
+        )
+    to_run = [run_names.index(name) for name in local_names]
+    return [to_run[label] for label in labels]
 
 
 def local_data(settings: RunSettings, node_config: dict) -> Encoded:
