@@ -21,10 +21,12 @@ D_OUT, D_IN, LABELS = 12, 10, 3
 
 
 class InProcessGrid:
-    """Flower's Grid interface over three nodes that answer budget queries like the ClientApp."""
+    """Flower's Grid interface over nodes 1000, 1001, ... that answer budget queries like the
+    ClientApp, with the tiers of ``profiles``."""
 
-    def __init__(self, tiers=("s", "m", "l")):
+    def __init__(self, tiers=("s", "m", "l"), profiles=PROFILES):
         self.tiers = {1000 + i: t for i, t in enumerate(tiers)}
+        self.profiles = profiles
 
     def get_node_ids(self):
         return list(self.tiers)
@@ -32,7 +34,7 @@ class InProcessGrid:
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for msg in messages:
-            tier = PROFILES.tier(self.tiers[msg.metadata.dst_node_id])
+            tier = self.profiles.tier(self.tiers[msg.metadata.dst_node_id])
             budget = ConfigRecord({wire.TIER: tier.name, wire.RANK: tier.rank})
             replies.append(_reply(msg, RecordDict({wire.BUDGET: budget})))
         return replies

@@ -23,26 +23,7 @@ from strategies.fim_hla import FIMHLA, FIMHLAOptions
 from strategies.gd_hla import GDHLA, GDHLAOptions
 from strategies.rgd_hla import RGDHLA, RGDHLAOptions
 from tests.conftest import COMMON, TOPICS
-from tests.harness import D_IN, D_OUT, LABELS, MODULES, _reply
-
-
-class LayerGrid:
-    """Flower's Grid interface over nodes 1000, 1001, ... answering budget queries of ``tiers``."""
-
-    def __init__(self, profiles, tiers):
-        self.profiles = profiles
-        self.tiers = {1000 + i: t for i, t in enumerate(tiers)}
-
-    def get_node_ids(self):
-        return list(self.tiers)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for msg in messages:
-            tier = self.profiles.tier(self.tiers[msg.metadata.dst_node_id])
-            budget = ConfigRecord({wire.TIER: tier.name, wire.RANK: tier.rank})
-            replies.append(_reply(msg, RecordDict({wire.BUDGET: budget})))
-        return replies
+from tests.harness import D_IN, D_OUT, LABELS, MODULES, InProcessGrid, _reply
 
 
 def profiles(tiers: dict[str, tuple[int, int | None]]):
@@ -58,7 +39,7 @@ def make(cls, options, tiers, grid_tiers, num_layers, **settings):
     prof = profiles(tiers)
     kwargs = dict(min_train_nodes=1, min_available_nodes=len(grid_tiers), seed=5) | settings
     strategy = cls(RunSettings(**kwargs), prof, options, num_layers)
-    return strategy, LayerGrid(prof, grid_tiers)
+    return strategy, InProcessGrid(grid_tiers, prof)
 
 
 def layer_state(rng, modules, rank):
