@@ -155,9 +155,11 @@ def flower_home(tmp_path_factory):
     apps of the environment that started it: refuse to test against another environment's.
     """
     venv_bin = str(Path(sys.executable).parent).encode()
+    port = os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091").encode()
     for pid, environ in _local_superlinks().items():
         path = next((e for e in environ if e.startswith(b"PATH=")), b"")
-        if venv_bin not in path:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if port in cmdline and venv_bin not in path:
             pytest.fail(
                 f"a local flower-superlink (pid {pid}) from another environment is "
                 "running; stop it (pkill -f flower-superlink) to run end-to-end tests"
