@@ -8,6 +8,7 @@ in simulation, from its partition id and the profile's assignment.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -34,10 +35,25 @@ NODE_TIER = "tier"
 NODE_DATA = "data-path"
 
 
+def available_memory_gb() -> float:
+    """Free memory of this device (Linux MemAvailable, else the OS's available pages)."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def node_tier(node_config: dict, profiles: DeviceProfiles) -> Tier:
-    """A node's tier: named in its node config (deployment) or assigned by partition id."""
+    """A node's tier: named in its node config (deployment; ``auto`` picks it from measured free
+    memory), or assigned by partition id (simulation). A named tier always wins."""
     if NODE_TIER in node_config:
-        return profiles.tier(str(node_config[NODE_TIER]), key="node-config tier")
+        name = str(node_config[NODE_TIER])
+        if name == "auto":
+            return profiles.tier_for_memory(available_memory_gb())
+        return profiles.tier(name, key="node-config tier")
     if PARTITION_ID in node_config and NUM_PARTITIONS in node_config:
         return profiles.tier_for_partition(
             int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])

@@ -41,3 +41,26 @@ def test_device_labels_unknown_to_the_run_are_refused(tmp_path):
     local = DataConfig(source=str(device))
     with pytest.raises(ConfigError, match="zebra"):
         server_label_ids(settings, local, list(load_splits(local).train["label"]))
+
+
+def test_tier_auto_picks_the_largest_tier_that_fits_measured_memory():
+    from client_apps.lora_client import available_memory_gb, node_tier
+    from hetfed.profiles import parse_profiles
+
+    profiles = parse_profiles(
+        "tiers: {s: {rank: 2, memory-gb: 2}, m: {rank: 4, memory-gb: 8},"
+        " l: {rank: 8, memory-gb: 64}}"
+    )
+    assert [profiles.tier_for_memory(gb).name for gb in (1, 2, 7.9, 8, 500)] == [
+        "s",
+        "s",
+        "s",
+        "m",
+        "l",
+    ]
+    measured = available_memory_gb()
+    assert measured > 0
+    assert node_tier({"tier": "auto"}, profiles) == profiles.tier_for_memory(measured)
+    assert node_tier({"tier": "l", "partition-id": 0, "num-partitions": 1}, profiles).name == "l"
+    with pytest.raises(ConfigError, match="memory-gb"):
+        node_tier({"tier": "auto"}, parse_profiles("tiers: {a: {rank: 2}}"))
