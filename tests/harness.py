@@ -44,9 +44,9 @@ def _reply(msg: Message, content: RecordDict) -> Message:
     return Message(content, reply_to=msg)  # its source is the node the message went to
 
 
-def global_state(rng, rank=8):
+def global_state(rng, rank=8, modules=MODULES):
     state = {}
-    for m in MODULES:
+    for m in modules:
         state[f"{m}.lora_A.weight"] = rng.normal(size=(rank, D_IN)).astype(np.float32)
         state[f"{m}.lora_B.weight"] = rng.normal(size=(D_OUT, rank)).astype(np.float32)
     state["classifier.weight"] = rng.normal(size=(LABELS, D_OUT)).astype(np.float32)

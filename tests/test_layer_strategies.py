@@ -23,7 +23,7 @@ from strategies.fim_hla import FIMHLA, FIMHLAOptions
 from strategies.gd_hla import GDHLA, GDHLAOptions
 from strategies.rgd_hla import RGDHLA, RGDHLAOptions
 from tests.conftest import COMMON, TOPICS
-from tests.harness import D_IN, D_OUT, LABELS, MODULES, InProcessGrid, _reply
+from tests.harness import MODULES, InProcessGrid, _reply, global_state
 
 
 def profiles(tiers: dict[str, tuple[int, int | None]]):
@@ -40,16 +40,6 @@ def make(cls, options, tiers, grid_tiers, num_layers, **settings):
     kwargs = dict(min_train_nodes=1, min_available_nodes=len(grid_tiers), seed=5) | settings
     strategy = cls(RunSettings(**kwargs), prof, options, num_layers)
     return strategy, InProcessGrid(grid_tiers, prof)
-
-
-def layer_state(rng, modules, rank):
-    state = {}
-    for m in modules:
-        state[f"{m}.lora_A.weight"] = rng.normal(size=(rank, D_IN)).astype(np.float32)
-        state[f"{m}.lora_B.weight"] = rng.normal(size=(D_OUT, rank)).astype(np.float32)
-    state["classifier.weight"] = rng.normal(size=(LABELS, D_OUT)).astype(np.float32)
-    state["classifier.bias"] = rng.normal(size=(LABELS,)).astype(np.float32)
-    return state
 
 
 def sent_layers(msg) -> list[int] | None:
@@ -104,7 +94,7 @@ GD_NODES = ("a", "a", "a", "b", "b", "b", "c", "c", "full", "full")  # budgets 1
 @pytest.mark.parametrize("pattern", ["uniform", "triangle", "inverted-triangle", "bottleneck"])
 def test_gd_hla_per_layer_counts_follow_the_pattern_and_stay_fixed(pattern):
     strategy, grid = make(GDHLA, GDHLAOptions(pattern=pattern), GD_TIERS, GD_NODES, 6)
-    state = layer_state(np.random.default_rng(0), [f"layer.{i}.query" for i in range(6)], 4)
+    state = global_state(np.random.default_rng(0), 4, [f"layer.{i}.query" for i in range(6)])
     allocations = []
     for server_round in (1, 2):
         messages = strategy.configure_train(
@@ -138,7 +128,7 @@ def successive_inclusion(p, k):
 def test_rgd_hla_draws_follow_the_pattern_and_are_reproducible():
     tiers = {"one": (4, 1), "two": (4, 2), "full": (4, None)}
     strategy, grid = make(RGDHLA, RGDHLAOptions(pattern="inverted-triangle"), tiers, tiers, 4)
-    state = layer_state(np.random.default_rng(1), [f"layer.{i}.query" for i in range(4)], 4)
+    state = global_state(np.random.default_rng(1), 4, [f"layer.{i}.query" for i in range(4)])
     messages = strategy.configure_train(1, wire.to_record(state), ConfigRecord(), grid)
     first = {m.metadata.dst_node_id: sent_layers(m) for m in messages}
     assert first[1002] is None  # a full budget trains every layer
@@ -172,7 +162,7 @@ def test_layers_are_averaged_over_exactly_their_clients_and_untrained_ones_kept(
     rng = np.random.default_rng(2)
     options = GDHLAOptions(pattern="triangle", weighting=weighting)
     strategy, grid = make(GDHLA, options, AGG_TIERS, ("one",) * 3, 3)
-    state = layer_state(rng, AGG_MODULES, 4)
+    state = global_state(rng, 4, AGG_MODULES)
     n = {1000: 3, 1001: 10, 1002: 37}
     reply, sent = trained(rng, n_examples=n)
     messages, new = train_round(strategy, grid, state, reply)
@@ -203,7 +193,7 @@ def test_layers_are_averaged_over_exactly_their_clients_and_untrained_ones_kept(
 def test_replies_with_other_layers_than_assigned_are_rejected(fault):
     rng = np.random.default_rng(3)
     strategy, grid = make(RGDHLA, RGDHLAOptions(), AGG_TIERS, ("one",) * 3, 3)
-    state = layer_state(rng, AGG_MODULES, 4)
+    state = global_state(rng, 4, AGG_MODULES)
     good, sent = trained(rng)
 
     def reply(node, rank, arrays, layers):
@@ -229,7 +219,7 @@ def test_full_budget_only_trains_only_the_clients_with_every_layer():
     tiers = {"s": (2, 1), "m": (4, 1), "l": (8, None)}
     strategy, grid = make(GDHLA, GDHLAOptions(full_budget_only=True), tiers, tiers, 2)
     assert strategy.global_rank() == 2  # ranks = uniform: one rank, the smallest tier's
-    state = layer_state(rng, MODULES, 2)
+    state = global_state(rng, 2, MODULES)
     reply, sent = trained(rng)
     messages, new = train_round(strategy, grid, state, reply)
     assert [m.metadata.dst_node_id for m in messages] == [1002]
@@ -250,7 +240,7 @@ def test_hetlora_ranks_truncate_per_tier_and_aggregate_per_layer_by_sparsity():
     options = RGDHLAOptions(ranks="hetlora", pattern="uniform")
     strategy, grid = make(RGDHLA, options, tiers, tiers, 2)
     assert strategy.global_rank() == 8
-    state = layer_state(rng, MODULES, 8)
+    state = global_state(rng, 8, MODULES)
     # the rank-8 node prunes to 7 (HetLoRA's floor(0.99 * 8)); the server accepts and keeps it
     reply, sent = trained(rng, rank_override=lambda node, r: 7 if r == 8 else r)
     messages, new = train_round(strategy, grid, state, reply)
