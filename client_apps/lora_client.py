@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -33,6 +34,7 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 NODE_TIER = "tier"
 NODE_DATA = "data-path"
+NODE_CLIENT_ID = "client-id"  # deployment: a number that names this device across runs
 
 
 def available_memory_gb() -> float:
@@ -128,9 +130,37 @@ def _in_layers(state: dict, layers: list[int] | None) -> dict:
     return state if layers is None else wire.restrict_to_layers(state, layers)
 
 
-def _client_index(context: Context) -> int:
-    """A stable per-client number for seeding (node ids change between runs, partitions do not)."""
-    return int(context.node_config.get(PARTITION_ID, context.node_id % 1_000_003))
+def client_id(context: Context) -> int:
+    """A number naming this client across runs (node ids change between runs): ``client-id``
+    from the node config, else the partition id, else the node id."""
+    node_config = context.node_config
+    return int(node_config.get(NODE_CLIENT_ID, node_config.get(PARTITION_ID, context.node_id)))
+
+
+def injected_fault(msg: Message, fault: str, wait_seconds: float) -> Message:
+    """Misbehave as the server asked (``faults.*``, for testing): raise, reply too late, or
+    reply with garbage built from the sent arrays (no training)."""
+    if fault == "raise":
+        raise RuntimeError("injected fault: this client raises")
+    config = msg.content[wire.CONFIG]
+    arrays = wire.trainable(wire.from_record(msg.content[wire.ARRAYS]))
+    if wire.LAYERS in config:
+        arrays = wire.restrict_to_layers(arrays, [int(i) for i in config[wire.LAYERS]])
+    first = sorted(arrays)[0]
+    if fault == "timeout":
+        time.sleep(wait_seconds)
+    elif fault == "nan":
+        arrays[first] = np.full_like(arrays[first], np.nan)
+    elif fault == "shape":
+        arrays[first] = np.concatenate([arrays[first], arrays[first][:1]])
+    elif fault == "missing-key":
+        del arrays[first]
+    metrics = MetricRecord(
+        {wire.NUM_EXAMPLES: 1, wire.TRAIN_LOSS: 0.0, wire.RANK: int(config[wire.RANK])}
+    )
+    return Message(
+        RecordDict({wire.ARRAYS: wire.to_record(arrays), wire.METRICS: metrics}), reply_to=msg
+    )
 
 
 @app.query()
@@ -140,7 +170,9 @@ def report_budget(msg: Message, context: Context) -> Message:
         str(msg.content[wire.CONFIG][wire.PROFILES]), "profiles (from server)"
     )
     tier = node_tier(context.node_config, profiles)
-    context.state[wire.BUDGET] = ConfigRecord({wire.TIER: tier.name, wire.RANK: tier.rank})
+    context.state[wire.BUDGET] = ConfigRecord(
+        {wire.TIER: tier.name, wire.RANK: tier.rank, wire.CLIENT_ID: client_id(context)}
+    )
     return Message(RecordDict({wire.BUDGET: context.state[wire.BUDGET]}), reply_to=msg)
 
 
@@ -150,6 +182,8 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     settings, _ = parse_run_config(context.run_config, strict=False)
     config = msg.content[wire.CONFIG]
+    if wire.FAULT in config:
+        return injected_fault(msg, str(config[wire.FAULT]), float(config[wire.FAULT_SECONDS]))
     rank = int(config[wire.RANK])
     budget = context.state[wire.BUDGET] if wire.BUDGET in context.state else None
     if budget is not None and rank > int(budget[wire.RANK]):
@@ -177,7 +211,7 @@ def train(msg: Message, context: Context) -> Message:
                 data,
                 settings.train,
                 penalty=penalty,
-                seed=int(config[wire.SEED]) + _client_index(context),
+                seed=int(config[wire.SEED]) + client_id(context) % 1_000_003,
             )
         state = _in_layers(worker.host.get_state(spec), layers)  # only what was trained
     if prune and tail_score(state, keep) < score_before:

@@ -35,7 +35,7 @@ SIMULATION_KEYS = (
     "init-args-num-gpus",
 )
 # Relative paths in these keys mean "relative to where hetfed run was started".
-CWD_RELATIVE_KEYS = ("results-dir", "data.source")
+CWD_RELATIVE_KEYS = ("results-dir", "data.source", "resume")
 
 
 def read_scenario(folder: str | Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ before any model or data is loaded.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,35 @@ class LoraSettings:
         return tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
 
 
+FAULT_KINDS = ("raise", "timeout", "nan", "shape", "missing-key")
+
+
+@dataclass(frozen=True)
+class FaultSettings:
+    """Failure injection, for testing a run under faults: each round the server picks
+    ``round(fraction * sampled)`` clients (seeded) and tells each to misbehave in one of
+    ``kinds``: raise an exception, reply after the round timeout, or reply with garbage (a NaN,
+    a wrong shape, a missing array)."""
+
+    fraction: float = 0.0
+    kinds: str = ",".join(FAULT_KINDS)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction <= 1:
+            raise ConfigError("faults.fraction", self.fraction, "a number in [0, 1]")
+        unknown = [k for k in self.kind_list() if k not in FAULT_KINDS]
+        if unknown or not self.kind_list():
+            raise ConfigError(
+                "faults.kinds", self.kinds, f"a comma-separated list of {', '.join(FAULT_KINDS)}"
+            )
+
+    def kind_list(self) -> list[str]:
+        return [k.strip() for k in self.kinds.split(",") if k.strip()]
+
+
+TOO_FEW_REPLIES = ("retry", "skip")
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Everything a run is configured with; one instance per ServerApp and ClientApp."""
@@ -58,6 +88,11 @@ class RunSettings:
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 600.0
+    min_train_replies: int = 1  # valid replies a round needs to update the global adapter
+    too_few_replies: str = "retry"  # what a round below min-train-replies does: retry or skip
+    max_retries: int = 2  # attempts after the first, with a fresh sample, before a skip
+    max_update_norm: float = 0.0  # reject a reply whose ||reply - sent||_F is larger (0: off)
+    resume: bool | str = False  # true: continue from results-dir's checkpoint; or a folder
     seed: int = 42
     profiles: str = "profiles.yaml"
     results_dir: str = "results"
@@ -65,6 +100,7 @@ class RunSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    faults: FaultSettings = field(default_factory=FaultSettings)
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -81,6 +117,20 @@ class RunSettings:
             )
         if self.round_timeout <= 0:
             raise ConfigError("round-timeout", self.round_timeout, "seconds > 0")
+        if not 1 <= self.min_train_replies <= self.min_available_nodes:
+            raise ConfigError(
+                "min-train-replies",
+                self.min_train_replies,
+                f"an integer in [1, min-available-nodes ({self.min_available_nodes})]",
+            )
+        if self.too_few_replies not in TOO_FEW_REPLIES:
+            raise ConfigError("too-few-replies", self.too_few_replies, " or ".join(TOO_FEW_REPLIES))
+        if self.max_retries < 0:
+            raise ConfigError("max-retries", self.max_retries, "an integer >= 0")
+        if self.max_update_norm < 0:
+            raise ConfigError("max-update-norm", self.max_update_norm, "a number >= 0 (0: off)")
+        if self.resume == "":
+            raise ConfigError("resume", self.resume, "true, false or a results folder")
 
 
 def config_key(prefix: str, field_name: str) -> str:
@@ -90,6 +140,8 @@ def config_key(prefix: str, field_name: str) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
 
 
@@ -97,7 +149,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check a TOML value against a field type; ints are accepted where a float is expected."""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is not bool and isinstance(value, bool) or not isinstance(value, tp):
+    allowed = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, tp):
         raise ConfigError(key, value, _type_name(tp))
     return value
 

@@ -22,7 +22,3 @@ class ConfigError(HetfedError, ValueError):
         self.allowed = allowed
         self.source = source
         super().__init__(f"{source}: key '{key}' has value {value!r}; allowed: {allowed}")
-
-
-class UpdateRejected(HetfedError):
-    """A client's reply cannot be used: its reason is logged and the reply is dropped."""

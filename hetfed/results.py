@@ -18,7 +18,10 @@ class RoundRecord:
     loss: float
     sampled: int
     replied: int
-    failed: int
+    failed: int  # sampled - replied: errors, timeouts and rejected replies
+    rejected: int  # replies that arrived but failed validation
+    attempts: int  # 1, or more when a round with too few valid replies was retried
+    skipped: bool  # no attempt had min-train-replies valid replies: the global was kept
     bytes_down: int
     bytes_up: int
     train_loss: float | None
@@ -32,14 +35,18 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class ResultsWriter:
-    """Writes a run's results folder as the run goes, so a killed run leaves readable files."""
+    """Writes a run's results folder as the run goes, so a killed run leaves readable files.
 
-    def __init__(self, folder: str | Path) -> None:
+    ``records`` are the rounds a resumed run already has (from its checkpoint).
+    """
+
+    def __init__(self, folder: str | Path, records: list[RoundRecord] | None = None) -> None:
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.folder / "metrics.jsonl"
-        self.metrics_path.write_text("", encoding="utf-8")
-        self.records: list[RoundRecord] = []
+        self.records: list[RoundRecord] = list(records or [])
+        lines = "".join(json.dumps(asdict(r)) + "\n" for r in self.records)
+        self.metrics_path.write_text(lines, encoding="utf-8")
 
     def add_round(self, record: RoundRecord) -> None:
         self.records.append(record)

@@ -1,7 +1,8 @@
 """Everything checked before a run trains: the strategy, the run config, profiles, ranks, data.
 
 The ServerApp calls :func:`plan_run` first; ``hetfed check`` calls it on a scenario folder
-without starting Flower. Nothing here loads model weights or data.
+without starting Flower. Nothing here loads model weights or data; a run that resumes has its
+checkpoint read and matched against the run config here too.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hetfed.checkpoint import Checkpoint, check_resumable, load_checkpoint, resume_folder
 from hetfed.config import RunSettings, Scalar, parse_run_config
 from hetfed.data import resolve_source
 from hetfed.errors import ConfigError
@@ -27,6 +29,8 @@ class RunPlan:
     profiles: DeviceProfiles
     max_rank: int
     num_layers: int
+    resume_from: Path | None = None  # the folder named by ``resume``
+    checkpoint: Checkpoint | None = None  # what the run continues from (None: round 1)
 
     def build_strategy(self):
         return self.strategy_class(self.settings, self.profiles, self.options, self.num_layers)
@@ -67,7 +71,13 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
                 f"{num_layers} layers) or a fraction in (0, 1]",
                 profiles.source,
             )
-    plan = RunPlan(settings, options, strategy_class, profiles, limit, num_layers)
+    resume_from = resume_folder(settings.resume, settings.results_dir)
+    checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
+    if checkpoint is not None:
+        check_resumable(checkpoint, run_config, resume_from)
+    plan = RunPlan(
+        settings, options, strategy_class, profiles, limit, num_layers, resume_from, checkpoint
+    )
     rank = plan.build_strategy().global_rank()
     if not 1 <= rank <= limit:
         raise ConfigError(f"{strategy_name}.rank", rank, f"an integer in [1, {limit}]")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,16 @@ class TrainResult:
     seconds: float
 
 
+@contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """Run a block with torch's global RNG seeded by ``seed`` (dropout, fresh weights), and
+    restore the RNG afterwards: a client's training is then the same in every process."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def train_steps(
     model: nn.Module,
     data: Encoded,
@@ -79,25 +90,26 @@ def train_steps(
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model.train()
     order = torch.randperm(len(data), generator=generator)
     cursor, total_loss, seen = 0, 0.0, 0
-    for _ in range(cfg.local_steps):
-        if cursor >= len(order):
-            order, cursor = torch.randperm(len(data), generator=generator), 0
-        idx = order[cursor : cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        mask = data.attention_mask[idx]
-        width = int(mask.sum(1).max())  # drop padding columns this batch does not need
-        logits = model(input_ids=data.input_ids[idx, :width], attention_mask=mask[:, :width])
-        loss = nn.functional.cross_entropy(logits, data.labels[idx])
-        objective = loss + penalty() if penalty is not None else loss
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        optimizer.step()
-        total_loss += float(loss.detach())
-        seen += len(idx)
-    model.eval()
+    with seeded_torch(seed):  # dropout draws depend on the seed, not on the process's history
+        model.train()
+        for _ in range(cfg.local_steps):
+            if cursor >= len(order):
+                order, cursor = torch.randperm(len(data), generator=generator), 0
+            idx = order[cursor : cursor + cfg.batch_size]
+            cursor += cfg.batch_size
+            mask = data.attention_mask[idx]
+            width = int(mask.sum(1).max())  # drop padding columns this batch does not need
+            logits = model(input_ids=data.input_ids[idx, :width], attention_mask=mask[:, :width])
+            loss = nn.functional.cross_entropy(logits, data.labels[idx])
+            objective = loss + penalty() if penalty is not None else loss
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            total_loss += float(loss.detach())
+            seen += len(idx)
+        model.eval()
     return TrainResult(
         total_loss / cfg.local_steps, cfg.local_steps, seen, time.perf_counter() - start
     )

@@ -32,6 +32,8 @@ PRUNE_GAMMA = "prune-gamma"
 PRUNE_LAMBDA = "prune-lambda"
 PRUNE_MIN_RANK = "prune-min-rank"
 LAYERS = "layers"  # the transformer blocks whose LoRA modules the client trains (all if absent)
+FAULT = "fault"  # failure injection (faults.*): how this client misbehaves this round
+FAULT_SECONDS = "fault-seconds"  # how long a "timeout" fault waits before replying
 
 # Keys of the reply metrics (client -> server).
 NUM_EXAMPLES = "num-examples"
@@ -40,6 +42,7 @@ SECONDS = "seconds"
 BYTES_DOWN = "bytes-down"
 BYTES_UP = "bytes-up"
 TIER = "tier"
+CLIENT_ID = "client-id"  # budget reply: a number naming the client across runs (its partition)
 
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
@@ -150,7 +153,8 @@ def _module(key: str) -> str:
 
 
 def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in state.items()})
+    # np.asarray keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)
+    return ArrayRecord({key: Array(np.asarray(value, order="C")) for key, value in state.items()})
 
 
 def from_record(record: ArrayRecord) -> State:
@@ -190,3 +194,12 @@ def reply_problem(
         if not np.all(np.isfinite(value)):
             return f"{key} has non-finite values"
     return None
+
+
+def update_norm(reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
+    """||reply - sent||_F over every array, the sent factors cut to the reply's (pruned) rank."""
+    total = 0.0
+    for key, value in reply.items():
+        ref = sent[key][tuple(slice(0, n) for n in value.shape)]
+        total += float(np.sum((value.astype(np.float64) - ref) ** 2))
+    return float(np.sqrt(total))

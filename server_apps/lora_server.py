@@ -1,16 +1,17 @@
 """The hetfed ServerApp: build the strategy by name, run the rounds, evaluate, write results.
 
-Before any training it validates the whole run (:func:`hetfed.run_plan.plan_run`). Each round
-the global adapter is evaluated centrally on the held-out test split, and a line is appended to
-``<results-dir>/metrics.jsonl``. At the end it writes ``summary.json``, ``accuracy.png`` and the
-global adapter as a standard PEFT folder ``adapter/``.
+Before any training it validates the whole run (:func:`hetfed.run_plan.plan_run`, and a
+checkpoint to resume from). Each round the global adapter is evaluated centrally on the held-out
+test split, a line is appended to ``<results-dir>/metrics.jsonl`` and ``checkpoint.npz`` is
+replaced (:mod:`hetfed.checkpoint`). At the end it writes ``summary.json``, ``accuracy.png`` and
+the global adapter as a standard PEFT folder ``adapter/``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, replace
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -21,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from hetfed import lora_algebra as la
 from hetfed import wire
 from hetfed.adapters import AdapterHost, LoraSpec
+from hetfed.checkpoint import Checkpoint, save_checkpoint
 from hetfed.data import load_splits
 from hetfed.models import build_classifier
 from hetfed.results import ResultsWriter, RoundRecord
@@ -64,7 +66,18 @@ def main(grid: Grid, context: Context) -> None:
     plan = plan_run(context.run_config, _project_dir(grid))
     settings = plan.settings
     strategy = plan.build_strategy()
-    writer = ResultsWriter(settings.results_dir)
+    checkpoint = plan.checkpoint
+    if checkpoint is not None:
+        log(
+            INFO,
+            "[hetfed] resuming after round %d from %s",
+            checkpoint.server_round,
+            plan.resume_from,
+        )
+    elif plan.resume_from is not None:
+        log(WARNING, "[hetfed] resume: no checkpoint in %s; starting at round 1", plan.resume_from)
+    done = [RoundRecord(**r) for r in checkpoint.records] if checkpoint is not None else []
+    writer = ResultsWriter(settings.results_dir, done)
     log(
         INFO,
         "[hetfed] strategy %s, %d rounds, results in %s",
@@ -103,6 +116,9 @@ def main(grid: Grid, context: Context) -> None:
             sampled=stats.sampled,
             replied=stats.replied,
             failed=stats.failed,
+            rejected=stats.rejected,
+            attempts=stats.attempts,
+            skipped=stats.skipped,
             bytes_down=stats.bytes_down,
             bytes_up=stats.bytes_up,
             train_loss=stats.train_loss,
@@ -126,15 +142,36 @@ def main(grid: Grid, context: Context) -> None:
         )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    initial = strategy.initial_state()
+    spent_before = 0.0
+    if checkpoint is not None:
+        strategy.load_state_dict(checkpoint.strategy_state)
+        start_state, first_round = checkpoint.state, checkpoint.server_round + 1
+        spent_before = checkpoint.seconds
+    else:
+        start_state, first_round = strategy.initial_state(), 1
+
+    def save(server_round: int, arrays: ArrayRecord) -> None:
+        snapshot = Checkpoint(
+            server_round=server_round,
+            state=wire.from_record(arrays),
+            strategy=strategy.name,
+            strategy_state=strategy.state_dict(),
+            records=[asdict(r) for r in writer.records],
+            seconds=spent_before + time.perf_counter() - run_started,
+            run_config=dict(context.run_config),
+        )
+        save_checkpoint(writer.folder, snapshot)
+
     result = strategy.start(
         grid=grid,
-        initial_arrays=wire.to_record(initial),
+        initial_arrays=wire.to_record(start_state),
         num_rounds=settings.num_server_rounds,
         timeout=settings.round_timeout,
         evaluate_fn=evaluate_global,
+        first_round=first_round,
+        on_round_end=save,
     )
-    final_state = wire.from_record(result.arrays) if len(result.arrays) else initial
+    final_state = wire.from_record(result.arrays)
     final = writer.records[-1]
     export_spec, export_state = merged_adapter(*strategy.model_view(final_state))
     with server.host.lock:
@@ -160,7 +197,10 @@ def main(grid: Grid, context: Context) -> None:
             "bytes_down": sum(r.bytes_down for r in writer.records),
             "bytes_up": sum(r.bytes_up for r in writer.records),
             "failed_replies": sum(r.failed for r in writer.records),
-            "seconds": time.perf_counter() - run_started,
+            "rejected_replies": sum(r.rejected for r in writer.records),
+            "skipped_rounds": [r.round for r in writer.records if r.skipped],
+            "resumed_after_round": first_round - 1 if checkpoint is not None else None,
+            "seconds": spent_before + time.perf_counter() - run_started,
             "global_rank": strategy.global_rank(),
             "tiers": {name: tier.rank for name, tier in plan.profiles.tiers.items()},
             "node_budgets": dict(sorted((str(k), v.tier) for k, v in strategy.budgets.items())),

@@ -40,7 +40,7 @@ class FedIT(LoRAStrategy):
     def global_rank(self) -> int:
         return self.options.rank or self.profiles.min_rank
 
-    def client_rank(self, node_id: int) -> int:
+    def client_rank(self, client_id: int) -> int:
         return self.global_rank()
 
     def aggregate_lora(

@@ -100,7 +100,8 @@ class FIMHLA(LayerStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Recompute p from the round's global adapter when due, then distribute as usual."""
-        if self.num_layers is not None and self.fisher_due(server_round):
+        recomputed = self.fisher_rounds[-1:] == [server_round]  # a retried round reuses p
+        if self.num_layers is not None and self.fisher_due(server_round) and not recomputed:
             self.update_probabilities(server_round, wire.from_record(arrays))
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -141,5 +142,25 @@ class FIMHLA(LayerStrategy):
         )
         return self.layer_probabilities
 
-    def allocate(self, server_round: int, node_id: int, budget: int) -> list[int]:
-        return self.sample(server_round, node_id, budget, self.layer_probabilities)
+    def allocate(self, server_round: int, client_id: int, budget: int) -> list[int]:
+        return self.sample(server_round, client_id, budget, self.layer_probabilities)
+
+    def state_dict(self) -> dict[str, Any]:
+        def as_list(values: np.ndarray | None) -> list[float] | None:
+            return None if values is None else values.tolist()
+
+        return {
+            **super().state_dict(),
+            "layer_probabilities": as_list(self.layer_probabilities),
+            "layer_scores": as_list(self.layer_scores),
+            "fisher_rounds": list(self.fisher_rounds),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        def as_array(values: list[float] | None) -> np.ndarray | None:
+            return None if values is None else np.asarray(values, dtype=np.float64)
+
+        super().load_state_dict(state)
+        self.layer_probabilities = as_array(state["layer_probabilities"])
+        self.layer_scores = as_array(state["layer_scores"])
+        self.fisher_rounds = list(state["fisher_rounds"])

@@ -41,7 +41,7 @@ from hetfed import wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.errors import ConfigError
 from hetfed.server_model import ServerModel
-from hetfed.training import Encoded
+from hetfed.training import Encoded, seeded_torch
 from hetfed.wire import LoraPairs, State
 from strategies.base import ClientUpdate, LoRAStrategy
 from strategies.zeropad import pad_and_sum
@@ -233,8 +233,7 @@ def mutual_learning(
     keys = list(groups)
     specs = {k: spec for k, (spec, _) in groups.items()}
     labelled = bool((data.labels >= 0).all())
-    with host.lock, torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with host.lock, seeded_torch(seed):
         for spec, state in groups.values():
             host.set_state(spec, state)
         host.set_base_deltas({})

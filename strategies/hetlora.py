@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -80,12 +81,12 @@ class HetLoRA(LoRAStrategy):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.ranks: dict[int, int] = {}  # a node's current rank once it has pruned
+        self.ranks: dict[int, int] = {}  # a client's current rank once it has pruned
 
-    def client_rank(self, node_id: int) -> int:
-        return self.ranks.get(node_id, super().client_rank(node_id))
+    def client_rank(self, client_id: int) -> int:
+        return self.ranks.get(client_id, super().client_rank(client_id))
 
-    def client_config(self, server_round: int, node_id: int) -> dict:
+    def client_config(self, server_round: int, client_id: int) -> dict:
         if not self.options.prune:
             return {}
         return {
@@ -94,14 +95,20 @@ class HetLoRA(LoRAStrategy):
             wire.PRUNE_MIN_RANK: self.options.min_rank,
         }
 
-    def allowed_reply_ranks(self, node_id: int, sent_rank: int) -> set[int]:
+    def allowed_reply_ranks(self, client_id: int, sent_rank: int) -> set[int]:
         allowed = {sent_rank}
         if self.options.prune:
             allowed.add(pruned_rank(sent_rank, self.options.prune_gamma, self.options.min_rank))
         return allowed
 
     def accept(self, update: ClientUpdate) -> None:
-        self.ranks[update.node_id] = update.rank
+        self.ranks[update.client_id] = update.rank
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": {str(client): rank for client, rank in self.ranks.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ranks = {int(client): int(rank) for client, rank in state["ranks"].items()}
 
     def aggregate_lora(
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs

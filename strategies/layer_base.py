@@ -122,7 +122,7 @@ class LayerStrategy(LoRAStrategy):
         super().__init__(*args, **kwargs)
         if self.options is None:
             self.options = self.options_class()
-        self._round_nodes: list[int] = []  # the nodes that train in the current round
+        self._round_clients: list[int] = []  # the clients that train in the current round
         self._hetlora: HetLoRA | None = None
         if self.options.ranks == "hetlora":
             # Rank heterogeneity delegated to HetLoRA; it reads the budgets this strategy learns.
@@ -130,26 +130,26 @@ class LayerStrategy(LoRAStrategy):
             self._hetlora.budgets = self.budgets
 
     # ------------------------------------------------------------------ layers
-    def layer_budget(self, node_id: int) -> int | None:
-        """K_c of a node, or None when it trains every layer (or the model's L is unknown)."""
-        layers = self.budgets[node_id].layers
+    def layer_budget(self, client_id: int) -> int | None:
+        """K_c of a client, or None when it trains every layer (or the model's L is unknown)."""
+        layers = self.budgets[client_id].layers
         if self.num_layers is None or layers is None or layers >= self.num_layers:
             return None
         return layers
 
-    def participates(self, node_id: int) -> bool:
-        """Every node, or only full-budget ones (``full_budget_only``); records the round's."""
-        if self.options.full_budget_only and self.layer_budget(node_id) is not None:
+    def participates(self, client_id: int) -> bool:
+        """Every client, or only full-budget ones (``full_budget_only``); records the round's."""
+        if self.options.full_budget_only and self.layer_budget(client_id) is not None:
             return False
-        self._round_nodes.append(node_id)
+        self._round_clients.append(client_id)
         return True
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # The base calls participates() for every sampled node before any client_layers():
-        # this round's node list is complete when the first allocation is made.
-        self._round_nodes = []
+        # The base calls participates() for every sampled client before any client_layers():
+        # this round's client list is complete when the first allocation is made.
+        self._round_clients = []
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.num_layers is not None and messages:
             counts = np.zeros(self.num_layers, dtype=int)
@@ -159,25 +159,25 @@ class LayerStrategy(LoRAStrategy):
             log(INFO, "%s: round %d clients per layer %s", self.name, server_round, counts.tolist())
         return messages
 
-    def round_nodes(self) -> list[int]:
-        """The sorted nodes training this round (all known nodes outside configure_train)."""
-        return sorted(set(self._round_nodes) or self.budgets)
+    def round_clients(self) -> list[int]:
+        """The sorted clients training this round (all known clients outside configure_train)."""
+        return sorted(set(self._round_clients) or self.budgets)
 
-    def client_layers(self, server_round: int, node_id: int) -> list[int] | None:
-        budget = self.layer_budget(node_id)
+    def client_layers(self, server_round: int, client_id: int) -> list[int] | None:
+        budget = self.layer_budget(client_id)
         if budget is None:
             return None
-        return self.allocate(server_round, node_id, budget)
+        return self.allocate(server_round, client_id, budget)
 
     @abstractmethod
-    def allocate(self, server_round: int, node_id: int, budget: int) -> list[int]:
-        """The ``budget`` (< L) distinct layers node ``node_id`` trains in ``server_round``."""
+    def allocate(self, server_round: int, client_id: int, budget: int) -> list[int]:
+        """The ``budget`` (< L) distinct layers client ``client_id`` trains in ``server_round``."""
 
     def sample(
-        self, server_round: int, node_id: int, budget: int, probabilities: np.ndarray
+        self, server_round: int, client_id: int, budget: int, probabilities: np.ndarray
     ) -> list[int]:
-        """RGD-HLA's draw, reproducible: a generator seeded by (seed, round, node)."""
-        rng = np.random.default_rng([abs(self.settings.seed), server_round, node_id])
+        """RGD-HLA's draw, reproducible: a generator seeded by (seed, round, client id)."""
+        rng = np.random.default_rng([abs(self.settings.seed), server_round, client_id])
         return sample_layers(rng, budget, probabilities)
 
     def pattern_probabilities(self, pattern: str) -> np.ndarray | None:
@@ -190,24 +190,31 @@ class LayerStrategy(LoRAStrategy):
             return self._hetlora.global_rank()
         return self.options.rank or self.profiles.min_rank
 
-    def client_rank(self, node_id: int) -> int:
+    def client_rank(self, client_id: int) -> int:
         if self._hetlora is not None:
-            return self._hetlora.client_rank(node_id)
+            return self._hetlora.client_rank(client_id)
         return self.global_rank()
 
-    def client_config(self, server_round: int, node_id: int) -> dict[str, Any]:
+    def client_config(self, server_round: int, client_id: int) -> dict[str, Any]:
         if self._hetlora is not None:
-            return self._hetlora.client_config(server_round, node_id)
+            return self._hetlora.client_config(server_round, client_id)
         return {}
 
-    def allowed_reply_ranks(self, node_id: int, sent_rank: int) -> set[int]:
+    def allowed_reply_ranks(self, client_id: int, sent_rank: int) -> set[int]:
         if self._hetlora is not None:
-            return self._hetlora.allowed_reply_ranks(node_id, sent_rank)
+            return self._hetlora.allowed_reply_ranks(client_id, sent_rank)
         return {sent_rank}
 
     def accept(self, update: ClientUpdate) -> None:
         if self._hetlora is not None:
             self._hetlora.accept(update)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hetlora": self._hetlora.state_dict()} if self._hetlora is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._hetlora is not None:
+            self._hetlora.load_state_dict(state["hetlora"])
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_lora(

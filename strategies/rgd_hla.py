@@ -6,7 +6,7 @@ LoRA Allocation", arXiv 2506.12213. See docs/methods/rgd-hla.md and strategies/l
 Every round each client c draws K_c distinct layers without replacement with the probabilities
 p of a geometric pattern (``uniform``, ``triangle``, ``inverted-triangle``, ``bottleneck``, as
 in GD-HLA) [code]: ``rng.choice(L, K_c, replace=False, p=p)``, numpy's successive draws. The
-generator is seeded with (seed, round, node id), so a run is reproducible. Aggregation: per
+generator is seeded with (seed, round, client id), so a run is reproducible. Aggregation: per
 layer over the clients that trained it.
 """
 
@@ -36,5 +36,5 @@ class RGDHLA(LayerStrategy):
         super().__init__(*args, **kwargs)
         self.probabilities = self.pattern_probabilities(self.options.pattern)
 
-    def allocate(self, server_round: int, node_id: int, budget: int) -> list[int]:
-        return self.sample(server_round, node_id, budget, self.probabilities)
+    def allocate(self, server_round: int, client_id: int, budget: int) -> list[int]:
+        return self.sample(server_round, client_id, budget, self.probabilities)

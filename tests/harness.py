@@ -7,7 +7,7 @@ random arrays; the end-to-end tests run the real ClientApp through the Simulatio
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from hetfed import wire
 from hetfed.config import RunSettings
@@ -21,12 +21,19 @@ D_OUT, D_IN, LABELS = 12, 10, 3
 
 
 class InProcessGrid:
-    """Flower's Grid interface over nodes 1000, 1001, ... that answer budget queries like the
-    ClientApp, with the tiers of ``profiles``."""
+    """Flower's Grid interface over nodes ``first_node``, ``first_node + 1``, ... (client ids 0,
+    1, ... unless ``client_ids`` names them) that answer budget queries like the ClientApp, with
+    the tiers of ``profiles``. Train messages are answered by ``train(client, msg)`` (a
+    ``RecordDict``, or None for a reply that never comes), when given."""
 
-    def __init__(self, tiers=("s", "m", "l"), profiles=PROFILES):
-        self.tiers = {1000 + i: t for i, t in enumerate(tiers)}
+    def __init__(
+        self, tiers=("s", "m", "l"), profiles=PROFILES, train=None, first_node=1000, client_ids=None
+    ):
+        self.tiers = {first_node + i: t for i, t in enumerate(tiers)}
+        ids = client_ids if client_ids is not None else range(first_node, first_node + len(tiers))
+        self.client_ids = dict(zip(self.tiers, ids, strict=True))
         self.profiles = profiles
+        self.train = train
 
     def get_node_ids(self):
         return list(self.tiers)
@@ -34,9 +41,17 @@ class InProcessGrid:
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for msg in messages:
-            tier = self.profiles.tier(self.tiers[msg.metadata.dst_node_id])
-            budget = ConfigRecord({wire.TIER: tier.name, wire.RANK: tier.rank})
-            replies.append(_reply(msg, RecordDict({wire.BUDGET: budget})))
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == MessageType.TRAIN:
+                content = self.train(self.client_ids[node], msg)
+            else:
+                tier = self.profiles.tier(self.tiers[node])
+                budget = {wire.TIER: tier.name, wire.RANK: tier.rank}
+                content = RecordDict(
+                    {wire.BUDGET: ConfigRecord({**budget, wire.CLIENT_ID: self.client_ids[node]})}
+                )
+            if content is not None:
+                replies.append(_reply(msg, content))
         return replies
 
 
@@ -61,7 +76,7 @@ def make(strategy_cls, options):
 
 def train_round(strategy, state, reply_fn, server_round=1):
     """configure_train -> replies made by ``reply_fn(node, rank, sent_arrays)`` -> aggregate."""
-    grid = InProcessGrid()
+    grid = InProcessGrid(profiles=strategy.profiles)
     messages = list(
         strategy.configure_train(server_round, wire.to_record(state), ConfigRecord(), grid)
     )

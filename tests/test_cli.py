@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from hetfed.checkpoint import Checkpoint, save_checkpoint
 from hetfed.cli import main
 from tests.conftest import REPO, TINY_PROFILES, write_scenario
 
@@ -45,14 +48,19 @@ def test_packaged_scenarios_check(capsys):
         ({}, "tiers: {a: {rank: 500}}", ["tiers.a.rank", "500", "[1, 32]"]),
         ({}, "tiers: {a: {rank: 2}}\nassignment: {ratios: {b: 1}}", ["assignment.ratios.b"]),
         ({"profiles": "missing.yaml"}, TINY_PROFILES, ["'profiles'", "missing.yaml"]),
+        ({"faults.fraction": 2}, TINY_PROFILES, ["'faults.fraction'", "[0, 1]"]),
+        ({"too-few-replies": "wait"}, TINY_PROFILES, ["'too-few-replies'", "retry or skip"]),
+        ({"resume": 1}, TINY_PROFILES, ["'resume'", "true or false or a string"]),
     ],
 )
+@pytest.mark.parametrize("command", ["check", "run"])
 def test_bad_scenarios_fail_with_key_value_and_allowed(
-    tmp_path, capsys, config, profiles, expected
+    tmp_path, capsys, config, profiles, expected, command
 ):
+    """``hetfed run`` refuses them too, before Flower starts or any model is loaded."""
     base = {"strategy": "hetlora", "model.name": "tiny-random-bert", "profiles": "profiles.yaml"}
     folder = write_scenario(tmp_path / "s", {**base, **config}, profiles)
-    assert main(["check", str(folder)]) == 2
+    assert main([command, str(folder)]) == 2
     err = capsys.readouterr().err
     for text in expected:
         assert text in err, err
@@ -61,3 +69,23 @@ def test_bad_scenarios_fail_with_key_value_and_allowed(
 def test_override_of_an_unknown_key_is_refused(capsys):
     assert main(["check", str(REPO / "scenarios" / "quickstart"), "-c", "num-rounds=3"]) == 2
     assert "'num-rounds'" in capsys.readouterr().err
+
+
+def test_resuming_another_runs_checkpoint_is_refused(tmp_path, capsys):
+    config = {
+        "strategy": "hetlora",
+        "model.name": "tiny-random-bert",
+        "profiles": "profiles.yaml",
+        "results-dir": str(tmp_path / "results"),
+        "seed": 1,
+        "resume": True,
+    }
+    folder = write_scenario(tmp_path / "s", config)
+    assert main(["check", str(folder)]) == 0  # no checkpoint yet: the run starts at round 1
+    written = Checkpoint(1, {}, "hetlora", {}, [], 0.0, {**config, "seed": 2})
+    save_checkpoint(tmp_path / "results", written)
+    assert main(["check", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "key 'seed' has value 1" in err and "checkpoint.npz" in err
+    save_checkpoint(tmp_path / "results", replace(written, run_config=config))
+    assert main(["check", str(folder)]) == 0

@@ -91,3 +91,24 @@ def test_restrict_to_layers_keeps_the_head_and_the_named_blocks():
         "e.layer.1.q.lora_A.weight",
         "e.layer.1.q.lora_B.weight",
     ]
+
+
+def test_local_training_is_the_same_whatever_the_process_did_before():
+    """Dropout is seeded by the client's seed, so a resumed run (other processes, other RNG
+    histories) trains every client exactly as the uninterrupted run did."""
+    host = twelve_layer_host()
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in host.base_model.modules())
+    state = host.initial_state(SPEC, seed=1)
+    data = Encoded(
+        torch.randint(1, 50, (8, 6)), torch.ones(8, 6, dtype=torch.long), torch.randint(0, 3, (8,))
+    )
+    results = []
+    for history in (0, 1):
+        torch.manual_seed(history)  # a different RNG history of the worker process
+        model = host.set_state(SPEC, state)
+        train_steps(model, data, TrainConfig(local_steps=3, lr=0.05), seed=9)
+        results.append(host.get_state(SPEC))
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        np.testing.assert_array_equal(results[0][key], results[1][key], err_msg=key)
+    assert any(not np.array_equal(results[0][k], state[k]) for k in state)  # it did train

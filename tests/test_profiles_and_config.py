@@ -105,6 +105,14 @@ def test_run_config_parses_sections_and_strategy_options():
         ({"hetlora.weighting": "magic"}, "hetlora.weighting", "sparsity"),
         ({"model.pooling": "max"}, "model.pooling", "mean, cls"),
         ({"lora.target-modules": " , "}, "lora.target-modules", "comma-separated"),
+        ({"faults.fraction": -0.1}, "faults.fraction", "[0, 1]"),
+        ({"faults.kinds": "raise,explode"}, "faults.kinds", "timeout, nan"),
+        ({"min-train-replies": 0}, "min-train-replies", "[1, min-available-nodes"),
+        ({"too-few-replies": "wait"}, "too-few-replies", "retry or skip"),
+        ({"max-retries": -1}, "max-retries", ">= 0"),
+        ({"max-update-norm": -1.0}, "max-update-norm", ">= 0"),
+        ({"resume": 2}, "resume", "true or false or a string"),
+        ({"resume": ""}, "resume", "a results folder"),
     ],
 )
 def test_bad_run_config_names_key_value_and_allowed(config, key, allowed):

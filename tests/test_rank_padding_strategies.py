@@ -15,7 +15,6 @@ from hetfed.config import parse_run_config
 from hetfed.errors import ConfigError
 from hetfed.profiles import parse_profiles
 from hetfed.registry import load_strategy
-from strategies.base import NodeBudget
 from strategies.fedit import FedIT, FedITOptions
 from strategies.helora_pad import HeLoRAPad, HeLoRAPadOptions
 from strategies.rbla import RBLA
@@ -31,9 +30,8 @@ FILLERS = ("zero", "mean", "linear", "adjacent")
 
 
 def uniform_rank(strategy):
-    """Every node has already reported a rank-4 budget, so no node is queried or differs."""
+    """The same strategy on profiles whose three tiers all have rank 4."""
     strategy.profiles = UNIFORM
-    strategy.budgets = {n: NodeBudget("m", 4) for n in RANKS}
     return strategy
 
 

@@ -1,0 +1,117 @@
+"""Faults through ``flwr run`` and the Simulation Engine: failing clients, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from hetfed.checkpoint import load_checkpoint
+from hetfed.results import read_metrics
+from tests.conftest import write_scenario
+
+
+def test_run_with_30_percent_of_clients_failing_completes_and_learns(run_scenario, tiny_config):
+    """Each round 3 of 10 clients raise or reply with garbage (NaN, wrong shape, a missing
+    array): the run completes on the 7 valid replies and its accuracy rises."""
+    config = {
+        **tiny_config,
+        "min-available-nodes": 10,
+        "faults.fraction": 0.3,
+        "faults.kinds": "raise,nan,shape,missing-key",
+    }
+    proc, results = run_scenario(config, num_supernodes=10)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rounds = read_metrics(results)
+    assert [(r["sampled"], r["replied"], r["failed"]) for r in rounds[1:]] == [(10, 7, 3)] * 3
+    garbage = sum(r["rejected"] for r in rounds)
+    assert 0 < garbage < 9  # the other faults raised
+    assert proc.stdout.count("rejected reply of client") == garbage
+    assert "injected fault: this client raises" in proc.stdout
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["failed_replies"] == 9 and summary["rejected_replies"] == garbage
+
+
+@pytest.mark.slow
+def test_clients_that_time_out_are_counted_and_the_round_goes_on(run_scenario, tiny_config):
+    config = {
+        **tiny_config,
+        "num-server-rounds": 2,
+        "round-timeout": 45.0,
+        "faults.fraction": 0.25,
+        "faults.kinds": "timeout",
+    }
+    proc, results = run_scenario(config)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rounds = read_metrics(results)
+    # One client a round sleeps past the timeout; in simulation it also holds a Ray worker, so
+    # a client queued behind it may miss the round too (then the round may be retried): at
+    # least one reply is lost each round, none is rejected, and no round is skipped.
+    for r in rounds[1:]:
+        assert r["failed"] >= 1 and r["replied"] >= 1 and not r["skipped"]
+        assert r["replied"] + r["failed"] == r["sampled"] == 4 * r["attempts"]
+        assert r["rejected"] == 0
+        assert r["seconds"] >= 45  # the round waited out its timeout
+    assert "injected fault" not in proc.stdout  # late, not failed: only the timeout tells
+
+
+def _adapter(results):
+    return load_file(str(results / "adapter" / "adapter_model.safetensors"))
+
+
+def test_a_killed_run_resumes_to_the_same_final_adapter(
+    run_scenario, tiny_config, flower_home, tmp_path
+):
+    """Uninterrupted run vs. the same run stopped (Ctrl-C on ``hetfed run``) after its first
+    checkpoint and resumed with ``resume = true``: the final adapters agree to 1e-6."""
+    config = {**tiny_config, "num-server-rounds": 4, "resume": False}
+    proc, whole = run_scenario({**config, "results-dir": "whole"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+    folder = write_scenario(tmp_path / "killed", {**config, "results-dir": "killed"})
+    env = {**os.environ, "FLWR_HOME": str(flower_home)}
+    command = [sys.executable, "-m", "hetfed.cli", "run", str(folder)]
+    killed = tmp_path / "killed-results"
+    with subprocess.Popen(
+        [*command, "-c", f"results-dir={json.dumps(str(killed))}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ) as runner:
+        deadline = time.monotonic() + 300
+        while load_checkpoint(killed) is None:
+            assert runner.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.2)
+        runner.send_signal(signal.SIGINT)  # hetfed run stops the run in the SuperLink
+        runner.wait(timeout=60)
+    time.sleep(5)  # nothing may move after the stop
+    stopped = load_checkpoint(killed)
+    assert stopped.server_round < 4 and not (killed / "summary.json").exists()
+
+    proc = subprocess.run(
+        [*command, "-c", f"results-dir={json.dumps(str(killed))}", "-c", "resume=true"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert f"resuming after round {stopped.server_round}" in proc.stdout
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["resumed_after_round"] == stopped.server_round
+    assert [r["round"] for r in read_metrics(killed)] == [0, 1, 2, 3, 4]
+    expected, resumed = _adapter(whole), _adapter(killed)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        np.testing.assert_allclose(resumed[key], expected[key], rtol=0, atol=1e-6, err_msg=key)
+    assert read_metrics(killed)[-1]["accuracy"] == read_metrics(whole)[-1]["accuracy"]
