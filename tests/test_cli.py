@@ -37,6 +37,12 @@ def test_packaged_scenarios_check(capsys):
     assert "ok: strategy hetlora" in capsys.readouterr().out
 
 
+def test_packaged_scenarios_on_shared_data_check(shared_data, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # their data.source is ../shared/data/..., relative to the checkout
+    for name in ("banking77-ranks", "banking77-layers", "helora-sst2"):
+        assert main(["check", str(REPO / "scenarios" / name)]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("config", "profiles", "expected"),
     [
