@@ -197,6 +197,7 @@ def train(msg: Message, context: Context) -> Message:
     worker = _worker(settings)
     prune = wire.PRUNE_GAMMA in config
     layers = [int(i) for i in config[wire.LAYERS]] if wire.LAYERS in config else None
+    frozen = [str(f) for f in config[wire.FROZEN]] if wire.FROZEN in config else []
     with worker.host.lock:
         model = worker.host.set_state(spec, arrays)
         worker.host.set_base_deltas(wire.base_deltas(received))  # FLoRA's merged base, if any
@@ -205,7 +206,10 @@ def train(msg: Message, context: Context) -> Message:
             keep = keep_rank(rank, float(config[wire.PRUNE_GAMMA]))
             score_before = tail_score(_in_layers(arrays, layers), keep)
             penalty = tail_penalty(model, spec.name, keep, float(config[wire.PRUNE_LAMBDA]))
-        with worker.host.train_only_layers(spec, layers):
+        with (
+            worker.host.train_only_layers(spec, layers),
+            worker.host.frozen_factors(spec, frozen),
+        ):
             result = train_steps(
                 model,
                 data,

@@ -54,6 +54,33 @@ class LoraSpec:
         )
 
 
+def _factor_parameters(
+    spec: LoraSpec, modules: Iterable[nn.Module], factors: Iterable[str]
+) -> list[nn.Parameter]:
+    """The parameters of the named factors of ``spec``'s adapter in ``modules``."""
+    factors = list(factors)
+    return [
+        parameter
+        for module in modules
+        for factor in factors
+        for parameter in getattr(module, factor)[spec.name].parameters()
+    ]
+
+
+@contextmanager
+def _frozen(parameters: Iterable[nn.Parameter]) -> Iterator[None]:
+    """No gradient for ``parameters`` inside the block; the ones that were trainable are made
+    trainable again afterwards (the next client of this process trains them)."""
+    frozen = [parameter for parameter in parameters if parameter.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+
+
 class AdapterHost:
     """One frozen base model carrying any number of named LoRA adapters.
 
@@ -117,23 +144,41 @@ class AdapterHost:
         A module belongs to the block whose index matches exactly (:func:`hetfed.wire.layer_of`).
         The frozen modules still act in the forward pass with the values the client received.
         """
-        if layers is None:
+        outside = []
+        if layers is not None:
+            keep = set(layers)
+            outside = [m for name, m in self._lora_modules(spec) if wire.layer_of(name) not in keep]
+        with _frozen(_factor_parameters(spec, outside, (wire.LORA_A, wire.LORA_B))):
             yield
-            return
-        keep = set(layers)
-        frozen = []
-        for name, module in self.activate(spec).named_modules():
-            if spec.name in getattr(module, "lora_A", {}) and wire.layer_of(name) not in keep:
-                for factor in (module.lora_A[spec.name], module.lora_B[spec.name]):
-                    for parameter in factor.parameters():
-                        if parameter.requires_grad:
-                            parameter.requires_grad_(False)
-                            frozen.append(parameter)
-        try:
+
+    @contextmanager
+    def frozen_factors(self, spec: LoraSpec, factors: Iterable[str]) -> Iterator[None]:
+        """Keep the named factors (``lora_A``, ``lora_B``) of every LoRA module of ``spec``'s
+        adapter fixed while training: they act in the forward pass but get no update, so they
+        come back bit for bit as they were loaded (FFA-LoRA's frozen A)."""
+        factors = list(factors)
+        unknown = sorted(set(factors) - {wire.LORA_A, wire.LORA_B})
+        if unknown:
+            raise ValueError(
+                f"cannot freeze LoRA factors {unknown}; allowed: {wire.LORA_A}, {wire.LORA_B}"
+            )
+        modules = [module for _, module in self._lora_modules(spec)] if factors else []
+        with _frozen(_factor_parameters(spec, modules, factors)):
             yield
-        finally:
-            for parameter in frozen:
-                parameter.requires_grad_(True)
+
+    def _lora_modules(self, spec: LoraSpec) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every module that carries ``spec``'s (loaded) adapter.
+
+        It does not activate the adapter: peft's ``set_adapter`` makes every factor of the
+        active adapter trainable again, which would undo a freeze already in place.
+        """
+        if self.peft_model is None or spec.name not in self.peft_model.peft_config:
+            raise RuntimeError(f"load adapter {spec.name} (set_state) before freezing parts of it")
+        return [
+            (name, module)
+            for name, module in self.peft_model.named_modules()
+            if spec.name in getattr(module, wire.LORA_A, {})
+        ]
 
     def set_base_deltas(self, deltas: dict[str, np.ndarray]) -> None:
         """Make each LoRA-wrapped module's base weight ``W0 + delta`` (``W0`` where none given).
@@ -154,7 +199,9 @@ class AdapterHost:
             pristine = self._pristine[name]
             with torch.no_grad():
                 if name in deltas:
-                    delta = torch.as_tensor(np.asarray(deltas[name]), dtype=weight.dtype)
+                    delta = torch.as_tensor(
+                        np.asarray(deltas[name]), dtype=weight.dtype, device=weight.device
+                    )
                     if delta.shape != weight.shape:
                         raise ValueError(
                             f"base delta of {name} has shape {tuple(delta.shape)},"

@@ -1,6 +1,7 @@
 """The ``hetfed`` command: list strategies, check a scenario, run it and check how it ended.
 
-- ``hetfed strategies``: every registered strategy (name, class, one-line description).
+- ``hetfed strategies``: every registered strategy (name, class, package, one-line description;
+  a plugin that cannot be used is listed with the reason).
 - ``hetfed check scenarios/NAME [-c KEY=VALUE ...]``: validate a scenario without running it.
 - ``hetfed run scenarios/NAME [-c KEY=VALUE ...]``: ``flwr run`` it offline on the local
   Simulation Engine with the scenario's ``[tool.hetfed.simulation]`` settings, stream its log,
@@ -8,6 +9,9 @@
 - ``hetfed table RESULTS_DIR ...``: a Markdown table comparing finished runs.
 - ``hetfed sweep SWEEP.yaml [--out DIR]``: run a scenario over strategies, options and seeds
   (see :mod:`hetfed.sweep`), skipping finished runs, and write one comparison table and plot.
+- ``hetfed bench [--quick] [--items 1,2,3,4] [--out FILE]``: measure the cost model (client
+  updates/s, framework overhead, server aggregation, server memory per client; see
+  :mod:`hetfed.bench`), print tables and write JSON.
 """
 
 from __future__ import annotations
@@ -155,13 +159,20 @@ def run_status(run_id: str, env: dict[str, str] | None = None) -> str:
 def list_strategies() -> None:
     from hetfed.registry import describe_strategies
 
-    rows = describe_strategies()
-    width = max((len(r.name) for r in rows), default=4)
-    target_width = max((len(r.target) for r in rows), default=5)
-    print(f"{'name':<{width}}  {'class':<{target_width}}  description")
-    for row in rows:
-        text = row.description if not row.error else f"BROKEN PLUGIN: {row.error}"
-        print(f"{row.name:<{width}}  {row.target:<{target_width}}  {text}")
+    table = [("name", "class", "package", "description")] + [
+        (r.name, r.target, r.package, f"BROKEN PLUGIN: {r.error}" if r.error else r.description)
+        for r in describe_strategies()
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(3)]
+    for *cells, text in table:
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)), text, sep="  ")
+
+
+def _bench_items(text: str) -> tuple[int, ...]:
+    items = tuple(sorted({int(i) for i in text.split(",") if i.strip()}))
+    if not items or not set(items) <= {1, 2, 3, 4}:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated items among 1, 2, 3, 4")
+    return items
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +197,32 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--out", help="results folder (default: results/<sweep file name>)")
     table = sub.add_parser("table", help="compare finished runs in a Markdown table")
     table.add_argument("results", nargs="+", help="results folders (with summary.json)")
+    bench = sub.add_parser("bench", help="measure the cost model (see docs/benchmarks.md)")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery")
+    bench.add_argument(
+        "--items",
+        type=_bench_items,
+        default=(1, 2, 3, 4),
+        help="comma-separated items: 1 client updates/s, 2 framework overhead, "
+        "3 server aggregation, 4 server memory per client (default: all)",
+    )
+    bench.add_argument(
+        "--out", default="results/bench/bench.json", help="JSON file (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--scenario",
+        default="scenarios/quickstart",
+        help="scenario of items 1, 2 and 4 (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--dense-modules",
+        choices=("per-shape", "all"),
+        default="per-shape",
+        help="item 3: modules of the 7B block that also get the dense SVD (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--cpus", type=int, default=1, help="item 2: CPUs of the one simulation worker"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "strategies":
@@ -199,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_sweep(plan, out)
             print((out / "comparison.md").read_text())
             return 0 if all(r["status"] == "completed" for r in rows) else 1
+        if args.command == "bench":
+            from hetfed.bench import run_bench
+
+            run_bench(
+                args.items, args.quick, args.out, args.scenario, args.dense_modules, args.cpus
+            )
+            return 0
         if args.command == "table":
             from hetfed.results import summary_table
 

@@ -22,3 +22,7 @@ class ConfigError(HetfedError, ValueError):
         self.allowed = allowed
         self.source = source
         super().__init__(f"{source}: key '{key}' has value {value!r}; allowed: {allowed}")
+
+
+class PluginError(HetfedError):
+    """A registered strategy cannot be used; the message names its entry point and package."""

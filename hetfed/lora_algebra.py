@@ -335,7 +335,9 @@ def factored_svd(
     Weights are used as given: pass ``w_k = p_k * s_k`` to include each client's LoRA scaling as
     FlexLoRA does. The square root goes on both sides to keep P and Q equally well scaled.
     Memory is ``O((d_out + d_in) R + R^2)``; no ``d_out x d_in`` array is allocated (the core
-    ``R_P R_Q^T`` is at most ``min(d_out, R) x min(d_in, R)``). Everything is computed in
+    ``R_P R_Q^T`` is at most ``min(d_out, R) x min(d_in, R)``) unless ``R >= min(d_out, d_in)``:
+    then the core is ``d_out x d_in`` anyway, and ``W = P Q`` (one product, no QR) is computed
+    and decomposed directly, the cheaper of two equal-sized routes. Everything is computed in
     float64 and cast back to the inputs' common dtype.
     """
     bs, as_, w = _check_clients(bs, as_, weights)
@@ -349,6 +351,16 @@ def factored_svd(
     p = np.concatenate(
         [sw * b.astype(np.float64, copy=False) for sw, b in zip(sqrt_w, bs, strict=True)], axis=1
     )
+    if total >= min(d_out, d_in):  # the stack is as wide as the layer: W itself is no larger
+        q = np.concatenate(
+            [sw * a.astype(np.float64, copy=False) for sw, a in zip(sqrt_w, as_, strict=True)]
+        )
+        u, s, vt = np.linalg.svd(p @ q, full_matrices=False)
+        return (
+            u[:, :rank].astype(dtype),
+            s[:rank].astype(dtype),
+            vt[:rank, :].astype(dtype),
+        )
     q_p, r_p = np.linalg.qr(p)  # d_out x m, m x R with m = min(d_out, R)
     del p  # free before the second QR to keep the peak low
     # Q^T built directly: d_in x R.

@@ -148,14 +148,26 @@ _CACHE: dict[tuple[ModelConfig, int, int], tuple[TextClassifier, object]] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def compute_device() -> torch.device:
+    """The GPU when this process sees one, else the CPU.
+
+    In simulation Ray (2.x, by default) hides the GPUs from a worker whose
+    ``client-resources-num-gpus`` is 0, so a worker given a (fractional) GPU places its base
+    model there and the others stay on the CPU.
+    """
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def cached_classifier(
     cfg: ModelConfig, num_labels: int, seed: int = 0
 ) -> tuple[TextClassifier, object]:
-    """The process's one base model for this config (a Ray worker keeps it across client calls)."""
+    """The process's one base model for this config (a Ray worker keeps it across client calls),
+    on :func:`compute_device`."""
     key = (cfg, num_labels, seed)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = build_classifier(cfg, num_labels, seed)
+            model, tokenizer = build_classifier(cfg, num_labels, seed)
+            _CACHE[key] = model.to(compute_device()), tokenizer
         return _CACHE[key]
 
 

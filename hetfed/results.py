@@ -26,6 +26,9 @@ class RoundRecord:
     bytes_up: int
     train_loss: float | None
     seconds: float
+    # configure_train start to aggregate_train end, over all attempts (0 in round 0; None in
+    # records of runs from before it was measured)
+    train_seconds: float | None = None
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -74,6 +74,11 @@ def seeded_torch(seed: int) -> Iterator[None]:
         yield
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights are; batches are moved there (a no-op on the CPU)."""
+    return next(model.parameters()).device
+
+
 def train_steps(
     model: nn.Module,
     data: Encoded,
@@ -87,6 +92,7 @@ def train_steps(
     Returns the mean task loss over the steps.
     """
     start = time.perf_counter()
+    device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -101,8 +107,11 @@ def train_steps(
             cursor += cfg.batch_size
             mask = data.attention_mask[idx]
             width = int(mask.sum(1).max())  # drop padding columns this batch does not need
-            logits = model(input_ids=data.input_ids[idx, :width], attention_mask=mask[:, :width])
-            loss = nn.functional.cross_entropy(logits, data.labels[idx])
+            logits = model(
+                input_ids=data.input_ids[idx, :width].to(device),
+                attention_mask=mask[:, :width].to(device),
+            )
+            loss = nn.functional.cross_entropy(logits, data.labels[idx].to(device))
             objective = loss + penalty() if penalty is not None else loss
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -119,15 +128,16 @@ def train_steps(
 def evaluate(model: nn.Module, data: Encoded, batch_size: int) -> tuple[float, float]:
     """Accuracy and mean cross-entropy of ``model`` on ``data``."""
     model.eval()
+    device = model_device(model)
     correct, loss_sum = 0, 0.0
     for begin in range(0, len(data), batch_size):
         mask = data.attention_mask[begin : begin + batch_size]
         width = int(mask.sum(1).max())
         logits = model(
-            input_ids=data.input_ids[begin : begin + batch_size, :width],
-            attention_mask=mask[:, :width],
+            input_ids=data.input_ids[begin : begin + batch_size, :width].to(device),
+            attention_mask=mask[:, :width].to(device),
         )
-        labels = data.labels[begin : begin + batch_size]
+        labels = data.labels[begin : begin + batch_size].to(device)
         loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
     return correct / max(len(data), 1), loss_sum / max(len(data), 1)

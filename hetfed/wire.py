@@ -32,6 +32,9 @@ PRUNE_GAMMA = "prune-gamma"
 PRUNE_LAMBDA = "prune-lambda"
 PRUNE_MIN_RANK = "prune-min-rank"
 LAYERS = "layers"  # the transformer blocks whose LoRA modules the client trains (all if absent)
+# LoRA factors (LORA_A, LORA_B) the client keeps fixed while it trains (none if absent); it still
+# returns them, unchanged. The FFA-LoRA example plugin (examples/) freezes A this way.
+FROZEN = "frozen"
 FAULT = "fault"  # failure injection (faults.*): how this client misbehaves this round
 FAULT_SECONDS = "fault-seconds"  # how long a "timeout" fault waits before replying
 
@@ -44,8 +47,10 @@ BYTES_UP = "bytes-up"
 TIER = "tier"
 CLIENT_ID = "client-id"  # budget reply: a number naming the client across runs (its partition)
 
-_A_SUFFIX = ".lora_A.weight"
-_B_SUFFIX = ".lora_B.weight"
+LORA_A = "lora_A"  # peft's names of the two factors, as FROZEN lists them
+LORA_B = "lora_B"
+_A_SUFFIX = f".{LORA_A}.weight"
+_B_SUFFIX = f".{LORA_B}.weight"
 # A dense change of a frozen base weight (d_out x d_in) that the client adds to the base layer
 # before training: FLoRA merges stacked updates into the base model this way.
 BASE_DELTA_SUFFIX = ".base_layer.delta"

@@ -24,7 +24,7 @@ from hetfed import wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.checkpoint import Checkpoint, save_checkpoint
 from hetfed.data import load_splits
-from hetfed.models import build_classifier
+from hetfed.models import build_classifier, compute_device
 from hetfed.results import ResultsWriter, RoundRecord
 from hetfed.run_plan import plan_run
 from hetfed.server_model import ServerModel
@@ -88,6 +88,7 @@ def main(grid: Grid, context: Context) -> None:
 
     splits = load_splits(settings.data)
     model, tokenizer = build_classifier(settings.model, len(splits.label_names), settings.seed)
+    model.to(compute_device())  # evaluation and server-side training run there
 
     def tokenized(dataset) -> Encoded:
         return encode(
@@ -123,6 +124,7 @@ def main(grid: Grid, context: Context) -> None:
             bytes_up=stats.bytes_up,
             train_loss=stats.train_loss,
             seconds=now - last_time,
+            train_seconds=stats.train_seconds,
         )
         last_time = now
         writer.add_round(record)

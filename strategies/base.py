@@ -97,6 +97,8 @@ class RoundStats:
     bytes_up: int = 0
     train_loss: float | None = None
     ranks: dict[str, int] = field(default_factory=dict)
+    # wall time from the start of configure_train to the end of aggregate_train, all attempts
+    train_seconds: float = 0.0
 
 
 class LoRAStrategy(Strategy):
@@ -302,9 +304,11 @@ class LoRAStrategy(Strategy):
         for attempt in range(attempts):
             self.attempt = attempt
             stats.attempts = attempt + 1
+            started = time.perf_counter()
             messages = list(self.configure_train(server_round, arrays, config, grid))
             replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
             new_arrays, metrics = self.aggregate_train(server_round, replies)
+            stats.train_seconds += time.perf_counter() - started
             if new_arrays is not None:
                 return new_arrays, metrics
             if attempt + 1 < attempts:

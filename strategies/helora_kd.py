@@ -41,7 +41,7 @@ from hetfed import wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.errors import ConfigError
 from hetfed.server_model import ServerModel
-from hetfed.training import Encoded, seeded_torch
+from hetfed.training import Encoded, model_device, seeded_torch
 from hetfed.wire import LoraPairs, State
 from strategies.base import ClientUpdate, LoRAStrategy
 from strategies.zeropad import pad_and_sum
@@ -151,7 +151,10 @@ def pairwise_loss(
 def _forward(model: nn.Module, data: Encoded, idx: torch.Tensor) -> torch.Tensor:
     mask = data.attention_mask[idx]
     width = int(mask.sum(1).max())  # drop padding columns this batch does not need
-    return model(input_ids=data.input_ids[idx, :width], attention_mask=mask[:, :width])
+    device = model_device(model)
+    return model(
+        input_ids=data.input_ids[idx, :width].to(device), attention_mask=mask[:, :width].to(device)
+    )
 
 
 @torch.no_grad()
@@ -266,7 +269,7 @@ def mutual_learning(
                         loss = ensemble_loss(logits, targets, temperature)
                     else:
                         peers = targets[:m] + targets[m + 1 :]
-                        labels = data.labels[idx] if labelled else None
+                        labels = data.labels[idx].to(logits.device) if labelled else None
                         loss = pairwise_loss(logits, peers, labels, temperature)
                     optimizers[k].zero_grad(set_to_none=True)
                     loss.backward()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,11 +69,41 @@ def _adapter(results):
     return load_file(str(results / "adapter" / "adapter_model.safetensors"))
 
 
+def _kill_server_app(flower_home) -> int:
+    """SIGKILL the ServerApp process (``flwr-simulation``) of the SuperLink in ``flower_home``
+    and every process it started (Ray and its workers): a run killed mid-flight."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    killed = 0
+    for pid in [p for ps in children.values() for p in ps]:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if b"flwr-simulation" in cmdline and f"FLWR_HOME={flower_home}".encode() in environ:
+            tree, stack = [], [pid]
+            while stack:
+                tree.append(stack.pop())
+                stack.extend(children.get(tree[-1], []))
+            for victim in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
 def test_a_killed_run_resumes_to_the_same_final_adapter(
     run_scenario, tiny_config, flower_home, tmp_path
 ):
-    """Uninterrupted run vs. the same run stopped (Ctrl-C on ``hetfed run``) after its first
-    checkpoint and resumed with ``resume = true``: the final adapters agree to 1e-6."""
+    """Uninterrupted run vs. the same run whose ServerApp process is killed (SIGKILL, with
+    everything it started) after its first checkpoint, then resumed with ``resume = true``:
+    the final adapters agree to 1e-6."""
     config = {**tiny_config, "num-server-rounds": 4, "resume": False}
     proc, whole = run_scenario({**config, "results-dir": "whole"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -90,10 +122,13 @@ def test_a_killed_run_resumes_to_the_same_final_adapter(
         deadline = time.monotonic() + 300
         while load_checkpoint(killed) is None:
             assert runner.poll() is None and time.monotonic() < deadline, "no checkpoint"
-            time.sleep(0.2)
-        runner.send_signal(signal.SIGINT)  # hetfed run stops the run in the SuperLink
-        runner.wait(timeout=60)
-    time.sleep(5)  # nothing may move after the stop
+            time.sleep(0.1)
+        assert _kill_server_app(flower_home) == 1
+        runner.send_signal(signal.SIGINT)  # the streaming `flwr run` has nothing left to show
+        try:
+            runner.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            runner.kill()
     stopped = load_checkpoint(killed)
     assert stopped.server_round < 4 and not (killed / "summary.json").exists()
 
