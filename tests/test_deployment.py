@@ -39,7 +39,7 @@ pytestmark = pytest.mark.deployment
 
 BIN = Path(sys.executable).parent
 TIERS = ("small", "medium", "large")  # TINY_PROFILES: ranks 2, 4, 8
-RANKS_LINE = "configure_train: round 1 sends 3 nodes their adapters (ranks [2, 4, 8])"
+RANKS_LINE = "configure_train: round 1 sends 3 clients their adapters (ranks [2, 4, 8])"
 ACTIVATED = "[Fleet.ActivateNode] Activated node_id="
 TRAIN_RECEIVED, TRAIN_SENT = "Receiving: train message", "Sending: train message"
 RUN_TIMEOUT = 420
