@@ -163,6 +163,20 @@ def injected_fault(msg: Message, fault: str, wait_seconds: float) -> Message:
     )
 
 
+def received_spec(msg: Message, settings: RunSettings) -> LoraSpec:
+    """The adapter a train message asks for: its rank and alpha on the run's LoRA modules."""
+    config = msg.content[wire.CONFIG]
+    lora = settings.lora
+    return LoraSpec(
+        int(config[wire.RANK]), float(config[wire.LORA_ALPHA]), lora.modules(), lora.dropout
+    )
+
+
+def local_seed(msg: Message, context: Context) -> int:
+    """The seed of a client's local steps: the round's seed plus the client's stable id."""
+    return int(msg.content[wire.CONFIG][wire.SEED]) + client_id(context) % 1_000_003
+
+
 @app.query()
 def report_budget(msg: Message, context: Context) -> Message:
     """Tell the server this node's tier and LoRA budget (the server sent the profiles)."""
@@ -190,9 +204,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"sent rank {rank} exceeds this node's budget {budget[wire.RANK]}")
     received = wire.from_record(msg.content[wire.ARRAYS])
     arrays = wire.trainable(received)
-    spec = LoraSpec(
-        rank, float(config[wire.LORA_ALPHA]), settings.lora.modules(), settings.lora.dropout
-    )
+    spec = received_spec(msg, settings)
     data = local_data(settings, context.node_config)
     worker = _worker(settings)
     prune = wire.PRUNE_GAMMA in config
@@ -215,7 +227,7 @@ def train(msg: Message, context: Context) -> Message:
                 data,
                 settings.train,
                 penalty=penalty,
-                seed=int(config[wire.SEED]) + client_id(context) % 1_000_003,
+                seed=local_seed(msg, context),
             )
         state = _in_layers(worker.host.get_state(spec), layers)  # only what was trained
     if prune and tail_score(state, keep) < score_before:

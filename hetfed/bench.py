@@ -54,7 +54,13 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 from transformers import AutoTokenizer
 
-from client_apps.lora_client import NUM_PARTITIONS, PARTITION_ID, client_id, train
+from client_apps.lora_client import (
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    local_seed,
+    received_spec,
+    train,
+)
 from hetfed import cli, wire
 from hetfed import lora_algebra as la
 from hetfed.adapters import AdapterHost, LoraSpec
@@ -294,20 +300,6 @@ def client_workload(
         for msg in strategy.configure_train(server_round, initial, ConfigRecord(), nodes)
     ]
     return Workload(settings, host, calls)
-
-
-def local_seed(msg: Message, context: Context) -> int:
-    """The seed of a client's local steps, as the ClientApp derives it (round seed + client)."""
-    return int(msg.content[wire.CONFIG][wire.SEED]) + client_id(context) % 1_000_003
-
-
-def received_spec(msg: Message, settings: RunSettings) -> LoraSpec:
-    """The adapter shape a train message asks for."""
-    config = msg.content[wire.CONFIG]
-    lora = settings.lora
-    return LoraSpec(
-        int(config[wire.RANK]), float(config[wire.LORA_ALPHA]), lora.modules(), lora.dropout
-    )
 
 
 @functools.lru_cache(maxsize=4)
