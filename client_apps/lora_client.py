@@ -22,10 +22,10 @@ from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import RunSettings, parse_run_config
 from hetfed.data import DataConfig, load_partition, load_splits
 from hetfed.errors import ConfigError
-from hetfed.models import cached_classifier
+from hetfed.models import cached_model
 from hetfed.profiles import DeviceProfiles, Tier, parse_profiles
 from hetfed.rank_pruning import keep_rank, tail_penalty, tail_score
-from hetfed.training import Encoded, encode, train_steps
+from hetfed.training import Encoded, encode_for_task, train_steps
 
 app = ClientApp()
 
@@ -74,14 +74,14 @@ class Worker:
     settings: RunSettings
     host: AdapterHost
     tokenizer: object
-    num_labels: int
+    label_names: list[str]
 
 
 @lru_cache(maxsize=4)
 def _worker(settings: RunSettings) -> Worker:
-    num_labels = len(load_splits(settings.data).label_names)
-    model, tokenizer = cached_classifier(settings.model, num_labels, seed=settings.seed)
-    return Worker(settings, AdapterHost(model), tokenizer, num_labels)
+    label_names = load_splits(settings.data).label_names
+    model, tokenizer = cached_model(settings.model, len(label_names), seed=settings.seed)
+    return Worker(settings, AdapterHost(model), tokenizer, label_names)
 
 
 @lru_cache(maxsize=64)
@@ -96,7 +96,9 @@ def _encoded_partition(
     labels = list(dataset["label"])
     if data != settings.data:  # a device's own data: number its labels as the server does
         labels = server_label_ids(settings, data, labels)
-    return encode(list(dataset["text"]), labels, worker.tokenizer, settings.model.max_length)
+    return encode_for_task(
+        settings.model, list(dataset["text"]), labels, worker.label_names, worker.tokenizer
+    )
 
 
 def server_label_ids(settings: RunSettings, data: DataConfig, labels: list[int]) -> list[int]:

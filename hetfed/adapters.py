@@ -5,7 +5,8 @@ peft adapter per :class:`LoraSpec` (rank, alpha, target modules). Switching a cl
 activating the adapter of its spec and loading the client's arrays into it: the base model is
 never copied. Adapter state travels as named numpy arrays whose names are peft's own state-dict
 keys (``...query.lora_A.weight``, ``...classifier.weight``), so an exported global adapter is a
-standard PEFT folder.
+standard PEFT folder. A classifier's head (``classifier``) is trained in full alongside LoRA; a
+causal LM has no head to train.
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ class LoraSpec:
     def name(self) -> str:
         return f"r{self.rank}-a{self.alpha:g}"
 
-    def peft_config(self, base_model_name: str = "") -> LoraConfig:
+    def peft_config(
+        self, base_model_name: str = "", head_modules: Iterable[str] = HEAD_MODULES
+    ) -> LoraConfig:
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
-            modules_to_save=list(HEAD_MODULES),
+            modules_to_save=list(head_modules) or None,
             base_model_name_or_path=base_model_name or None,
         )
 
@@ -65,6 +68,12 @@ def _factor_parameters(
         for factor in factors
         for parameter in getattr(module, factor)[spec.name].parameters()
     ]
+
+
+def _adapter_state(model: PeftModel, spec: LoraSpec) -> dict[str, torch.Tensor]:
+    # save_embedding_layers=False: LoRA never resizes the embeddings, and peft's "auto" would
+    # read the base model's config (from disk or the Hub) on every call to check that it did not
+    return get_peft_model_state_dict(model, adapter_name=spec.name, save_embedding_layers=False)
 
 
 @contextmanager
@@ -92,6 +101,7 @@ class AdapterHost:
         self.base_model = base_model
         # peft records it in adapter_config.json (build_classifier sets a local folder if any)
         self.base_model_name = getattr(base_model, "name_or_path", "")
+        self.head_modules = [name for name in HEAD_MODULES if hasattr(base_model, name)]
         self.peft_model: PeftModel | None = None
         self.lock = threading.RLock()
         # Pristine copies of the base weights that a delta has changed (only those modules).
@@ -103,23 +113,26 @@ class AdapterHost:
             torch.manual_seed(seed)
             if self.peft_model is None:
                 self.peft_model = get_peft_model(
-                    self.base_model, spec.peft_config(self.base_model_name), adapter_name=spec.name
+                    self.base_model, self._peft_config(spec), adapter_name=spec.name
                 )
             elif spec.name not in self.peft_model.peft_config:
-                self.peft_model.add_adapter(spec.name, spec.peft_config(self.base_model_name))
+                self.peft_model.add_adapter(spec.name, self._peft_config(spec))
         self.peft_model.set_adapter(spec.name)
         return self.peft_model
+
+    def _peft_config(self, spec: LoraSpec) -> LoraConfig:
+        return spec.peft_config(self.base_model_name, self.head_modules)
 
     def get_state(self, spec: LoraSpec) -> dict[str, np.ndarray]:
         """The adapter's trainable arrays (LoRA factors and head) as float32 numpy arrays."""
         model = self.activate(spec)
-        state = get_peft_model_state_dict(model, adapter_name=spec.name)
+        state = _adapter_state(model, spec)
         return {k: v.detach().cpu().float().numpy().copy() for k, v in state.items()}
 
     def set_state(self, spec: LoraSpec, state: dict[str, np.ndarray]) -> PeftModel:
         """Load named arrays into ``spec``'s adapter; every key must exist with the right shape."""
         model = self.activate(spec)
-        expected = get_peft_model_state_dict(model, adapter_name=spec.name)
+        expected = _adapter_state(model, spec)
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
@@ -236,7 +249,9 @@ class AdapterHost:
         with self.lock:
             model = self.set_state(spec, state)
             with tempfile.TemporaryDirectory() as tmp:
-                model.save_pretrained(tmp, selected_adapters=[spec.name])
+                model.save_pretrained(
+                    tmp, selected_adapters=[spec.name], save_embedding_layers=False
+                )
                 saved = Path(tmp) / spec.name  # peft nests non-default adapter names
                 if folder.exists():
                     shutil.rmtree(folder)

@@ -52,7 +52,6 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.common.config import flatten_dict, unflatten_dict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
-from transformers import AutoTokenizer
 
 from client_apps.lora_client import (
     NUM_PARTITIONS,
@@ -67,7 +66,7 @@ from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import RunSettings, parse_run_config
 from hetfed.data import load_partition, load_splits
 from hetfed.errors import ConfigError, HetfedError
-from hetfed.models import build_classifier, resolve_model_source
+from hetfed.models import build_classifier, load_tokenizer
 from hetfed.profiles import DeviceProfiles, parse_profiles
 from hetfed.registry import load_strategy, strategy_names
 from hetfed.results import read_metrics
@@ -304,7 +303,7 @@ def client_workload(
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_name: str):
-    return AutoTokenizer.from_pretrained(resolve_model_source(model_name))
+    return load_tokenizer(model_name)
 
 
 @functools.lru_cache(maxsize=64)

@@ -94,6 +94,7 @@ class DataConfig:
     source: str = BBC_NEWS
     text_column: str = ""  # "" = detect; "a+b" joins columns a and b with ". "
     label_column: str = ""  # "" = detect
+    label_names: str = ""  # rename labels: "1=World,2=Sports" ("" = the names in the data)
     partitioner: str = "iid"  # "iid" | "dirichlet" | "pathological"
     dirichlet_alpha: float = 0.5
     classes_per_partition: int = 2
@@ -111,6 +112,10 @@ class DataConfig:
         for name in ("text_column", "label_column"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name, "a column name, or '' to detect it")
+        if not isinstance(self.label_names, str) or (
+            self.label_names.strip() and not self.renamed_labels()
+        ):
+            raise bad("label_names", _LABEL_NAMES_ALLOWED)
         if self.partitioner not in PARTITIONERS:
             raise bad("partitioner", " | ".join(repr(p) for p in PARTITIONERS))
         alpha = self.dirichlet_alpha
@@ -127,6 +132,20 @@ class DataConfig:
             raise bad("max_test_examples", "an integer >= 0 (0 = the whole test split)")
         if not _is_int(self.seed) or self.seed < 0:
             raise bad("seed", "an integer >= 0")
+
+    def renamed_labels(self) -> dict[str, str]:
+        """``label-names`` as {label in the data: new name}; {} when a pair is malformed."""
+        pairs = [p.split("=", 1) for p in self.label_names.split(",") if p.strip()]
+        renames = {old.strip(): new.strip() for old, new in (p for p in pairs if len(p) == 2)}
+        well_formed = len(renames) == len(pairs) and all(o and n for o, n in renames.items())
+        distinct = len(set(renames.values())) == len(renames)
+        return renames if well_formed and distinct else {}
+
+
+_LABEL_NAMES_ALLOWED = (
+    "comma-separated value=name pairs with distinct names, e.g. '1=World,2=Sports', "
+    "or '' for the label names of the data"
+)
 
 
 @dataclass
@@ -502,6 +521,23 @@ def _encode_labels(raw: _Raw) -> tuple[list[str], np.ndarray, np.ndarray | None]
     return names, encode(raw.labels), test
 
 
+def _renamed(names: list[str], cfg: DataConfig) -> list[str]:
+    """The label names after ``data.label-names``; every label it names must exist."""
+    renames = cfg.renamed_labels()
+    unknown = sorted(set(renames) - set(names))
+    if unknown:
+        raise ConfigError(
+            "data.label-names",
+            cfg.label_names,
+            f"pairs whose values are labels of {cfg.source}: {', '.join(names[:20])} "
+            f"(unknown: {', '.join(unknown)})",
+        )
+    renamed = [renames.get(name, name) for name in names]
+    if len(set(renamed)) < len(renamed):
+        raise ConfigError("data.label-names", cfg.label_names, "names that stay distinct")
+    return renamed
+
+
 def _drop_empty(texts: list[str], labels: list[Any], where: str) -> tuple[list[str], list[Any]]:
     keep = [
         i
@@ -588,6 +624,7 @@ def load_splits(cfg: DataConfig) -> DataSplits:
         if not raw.test_texts:  # an empty test file: cut a test split from train instead
             raw.test_texts = raw.test_labels = None
     names, labels, test_labels = _encode_labels(raw)
+    names = _renamed(names, cfg)
     texts = np.asarray(raw.texts, dtype=object)
     if len(names) < 2:
         raise ConfigError("data.source", cfg.source, f"{SOURCE_ALLOWED} with >= 2 labels")

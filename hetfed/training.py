@@ -1,4 +1,9 @@
-"""Local training and evaluation of a classifier with its active LoRA adapter."""
+"""Local training and evaluation of a model with its active LoRA adapter.
+
+One loop serves both tasks: the labels of an :class:`Encoded` split are one class per example
+(classification) or next-token targets per position (instruction, :mod:`hetfed.instructions`),
+and :func:`task_loss` reads which from their shape.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ import torch
 from torch import nn
 
 from hetfed.errors import ConfigError
+from hetfed.instructions import IGNORE, encode_instructions
+from hetfed.models import INSTRUCTION, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A tokenized split, padded to its longest example (at most ``model.max-length``)."""
+    """A tokenized split, padded to its longest example (at most ``model.max-length``).
+
+    ``labels``: a class per example, shape (N,), with right padding; or next-token targets,
+    shape (N, L), :data:`~hetfed.instructions.IGNORE` outside the answers, with left padding.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -50,10 +61,67 @@ class Encoded:
 
 
 def encode(texts: list[str], labels: list[int], tokenizer, max_length: int) -> Encoded:
+    """A classification split: texts truncated to ``max_length`` tokens, a class each."""
     batch = tokenizer(
         texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt"
     )
     return Encoded(batch["input_ids"], batch["attention_mask"], torch.tensor(labels))
+
+
+def encode_for_task(
+    cfg: ModelConfig, texts: list[str], labels: list[int], label_names: list[str], tokenizer
+) -> Encoded:
+    """A split encoded for ``cfg.task``: classes, or instruction prompts with their answers."""
+    if cfg.task == INSTRUCTION:
+        return Encoded(
+            *encode_instructions(texts, labels, label_names, tokenizer, cfg.max_length, cfg.prompt)
+        )
+    return encode(texts, labels, tokenizer, cfg.max_length)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy: of class logits (N, K) against classes (N,), or of next-token logits
+    (N, L, V) against targets (N, L), where position t-1 predicts ``labels[:, t]`` and
+    :data:`~hetfed.instructions.IGNORE` positions count nothing (mean: per answer token)."""
+    if labels.dim() == 1:
+        return nn.functional.cross_entropy(logits, labels, reduction=reduction)
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE,
+        reduction=reduction,
+    )
+
+
+def task_forward(
+    model: nn.Module, data: Encoded, idx: torch.Tensor | slice
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``model`` on the examples ``idx`` and the labels they are scored against, on
+    the model's device, without the padding columns this batch does not need.
+
+    Classification (right-padded): class logits (n, K) and classes (n,). Instruction
+    (left-padded, answers end in the last column): next-token logits of the last positions only,
+    from the one before the earliest answer token, (n, P, V), and the targets of those P
+    positions (n, P); position ids count real tokens only, as if nothing were padded.
+    """
+    device = model_device(model)
+    mask, labels = data.attention_mask[idx], data.labels[idx]
+    length = int(mask.sum(1).max())
+    if labels.dim() == 1:
+        logits = model(
+            input_ids=data.input_ids[idx, :length].to(device),
+            attention_mask=mask[:, :length].to(device),
+        )
+        return logits, labels.to(device)
+    mask, labels = mask[:, -length:], labels[:, -length:]
+    scored = length - int((labels != IGNORE).any(0).int().argmax()) + 1
+    output = model(
+        input_ids=data.input_ids[idx, -length:].to(device),
+        attention_mask=mask.to(device),
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
+        logits_to_keep=scored,
+    )
+    return output.logits, labels[:, -scored:].to(device)
 
 
 @dataclass(frozen=True)
@@ -92,7 +160,6 @@ def train_steps(
     Returns the mean task loss over the steps.
     """
     start = time.perf_counter()
-    device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -105,13 +172,7 @@ def train_steps(
                 order, cursor = torch.randperm(len(data), generator=generator), 0
             idx = order[cursor : cursor + cfg.batch_size]
             cursor += cfg.batch_size
-            mask = data.attention_mask[idx]
-            width = int(mask.sum(1).max())  # drop padding columns this batch does not need
-            logits = model(
-                input_ids=data.input_ids[idx, :width].to(device),
-                attention_mask=mask[:, :width].to(device),
-            )
-            loss = nn.functional.cross_entropy(logits, data.labels[idx].to(device))
+            loss = task_loss(*task_forward(model, data, idx))
             objective = loss + penalty() if penalty is not None else loss
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -126,18 +187,23 @@ def train_steps(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, batch_size: int) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
+    """Accuracy and mean cross-entropy of ``model`` on ``data``.
+
+    Classification: the argmax class is the label; loss per example. Instruction: every answer
+    token is the argmax next token (greedy decoding yields the answer); loss per answer token.
+    """
     model.eval()
-    device = model_device(model)
-    correct, loss_sum = 0, 0.0
+    correct, loss_sum, loss_count = 0, 0.0, 0
     for begin in range(0, len(data), batch_size):
-        mask = data.attention_mask[begin : begin + batch_size]
-        width = int(mask.sum(1).max())
-        logits = model(
-            input_ids=data.input_ids[begin : begin + batch_size, :width].to(device),
-            attention_mask=mask[:, :width].to(device),
-        )
-        labels = data.labels[begin : begin + batch_size].to(device)
-        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-    return correct / max(len(data), 1), loss_sum / max(len(data), 1)
+        logits, labels = task_forward(model, data, slice(begin, begin + batch_size))
+        loss_sum += float(task_loss(logits, labels, reduction="sum"))
+        if labels.dim() == 1:
+            correct += int((logits.argmax(-1) == labels).sum())
+            loss_count += len(labels)
+        else:
+            targets = labels[:, 1:]
+            in_answer = targets != IGNORE
+            hits = (logits[:, :-1].argmax(-1) == targets) | ~in_answer
+            correct += int(hits.all(1).sum())
+            loss_count += int(in_answer.sum())
+    return correct / max(len(data), 1), loss_sum / max(loss_count, 1)

@@ -24,11 +24,11 @@ from hetfed import wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.checkpoint import Checkpoint, save_checkpoint
 from hetfed.data import load_splits
-from hetfed.models import build_classifier, compute_device
+from hetfed.models import build_model, compute_device
 from hetfed.results import ResultsWriter, RoundRecord
 from hetfed.run_plan import plan_run
 from hetfed.server_model import ServerModel
-from hetfed.training import Encoded, encode
+from hetfed.training import Encoded, encode_for_task
 from hetfed.wire import State
 from strategies.base import RoundStats
 
@@ -87,12 +87,16 @@ def main(grid: Grid, context: Context) -> None:
     )
 
     splits = load_splits(settings.data)
-    model, tokenizer = build_classifier(settings.model, len(splits.label_names), settings.seed)
+    model, tokenizer = build_model(settings.model, len(splits.label_names), settings.seed)
     model.to(compute_device())  # evaluation and server-side training run there
 
     def tokenized(dataset) -> Encoded:
-        return encode(
-            list(dataset["text"]), list(dataset["label"]), tokenizer, settings.model.max_length
+        return encode_for_task(
+            settings.model,
+            list(dataset["text"]),
+            list(dataset["label"]),
+            splits.label_names,
+            tokenizer,
         )
 
     server = ServerModel(

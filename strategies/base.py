@@ -44,6 +44,7 @@ from hetfed import lora_algebra as la
 from hetfed import wire
 from hetfed.adapters import LoraSpec
 from hetfed.config import RunSettings
+from hetfed.models import TASKS
 from hetfed.profiles import DeviceProfiles
 from hetfed.server_model import ServerModel
 from hetfed.wire import LoraPairs, State
@@ -107,6 +108,8 @@ class LoRAStrategy(Strategy):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     options_class: ClassVar[type | None] = None
+    # the model.task values it supports (a strategy that trains on the server may need classes)
+    tasks: ClassVar[tuple[str, ...]] = TASKS
 
     def __init__(
         self,

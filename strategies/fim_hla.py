@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from hetfed import wire
 from hetfed.errors import ConfigError
 from hetfed.layer_allocation import PATTERNS, fisher_layer_scores, fisher_probabilities
+from hetfed.models import CLASSIFICATION
 from hetfed.server_model import ServerModel
 from hetfed.wire import State
 from strategies.layer_base import LayerOptions, LayerStrategy
@@ -74,6 +75,7 @@ class FIMHLA(LayerStrategy):
     name = "fim-hla"
     description = "Fed-HeLLo FIM-HLA: layers drawn by Fisher-information clusters of the layers"
     options_class = FIMHLAOptions
+    tasks = (CLASSIFICATION,)  # its server-side loss is over class logits
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -40,6 +40,7 @@ from hetfed import lora_algebra as la
 from hetfed import wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.errors import ConfigError
+from hetfed.models import CLASSIFICATION
 from hetfed.server_model import ServerModel
 from hetfed.training import Encoded, model_device, seeded_torch
 from hetfed.wire import LoraPairs, State
@@ -307,6 +308,7 @@ class HeLoRAKD(LoRAStrategy):
     name = "helora-kd"
     description = "HeLoRA-KD: one adapter per rank group, FedAvg per group, server mutual learning"
     options_class = HeLoRAKDOptions
+    tasks = (CLASSIFICATION,)  # its server-side loss is over class logits
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -1,0 +1,103 @@
+"""The instruction task (``model.task = instruction``): labelled texts as prompts and answers.
+
+Each example becomes a chat turn in the FLAN style (Wei et al., ICLR 2022, whose mixture holds
+classification datasets such as AG News rewritten as instructions): the user asks
+``model.prompt`` about the text, and the assistant answers with the label's name followed by the
+end-of-turn token. A causal LM is trained with the next-token loss on the answer tokens only.
+
+Evaluation is teacher forced, in one forward pass: the loss is the mean cross-entropy per answer
+token, and an example is correct when the model's most likely next token is the answer's at
+every answer position, end token included. That is exactly "greedy decoding from the prompt
+produces the answer and stops", without running a decoder loop.
+
+Sequences are padded on the left, so every answer ends in the last column: the model computes
+next-token logits for the last few positions only (``logits_to_keep``), not a vocabulary-wide
+row for every prompt token (:func:`hetfed.training.task_forward`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hetfed.errors import ConfigError
+
+IGNORE = -100  # target of a position without loss (prompt, padding): torch's ignore_index
+_TEXT = "\x00text\x00"  # stands for the text while the template is split around it
+_PLAIN_TEMPLATE = f"{{prompt}}\n\n{_TEXT}\n\nAnswer: "  # tokenizers without a chat template
+_MIN_TEXT_TOKENS = 8
+
+
+def _prompt_pieces(tokenizer, request: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt before and after the text, with the tokenizer's chat template
+    (generation prompt included) when it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        message = [{"role": "user", "content": f"{request}\n\n{_TEXT}"}]
+        prompt = tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+    else:
+        prompt = _PLAIN_TEMPLATE.format(prompt=request)
+    before, after = prompt.split(_TEXT)
+    return _ids(tokenizer, before), _ids(tokenizer, after)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def end_token_id(tokenizer) -> int:
+    """The token that ends an answer: the end-of-sequence token (a chat model's end of turn),
+    else the separator token of BERT-style tokenizers."""
+    token = tokenizer.eos_token_id
+    token = tokenizer.sep_token_id if token is None else token
+    if token is None:
+        raise ConfigError("model.name", tokenizer.name_or_path, "a tokenizer with an eos token")
+    return int(token)
+
+
+def answer_ids(tokenizer, label_names: list[str]) -> list[list[int]]:
+    """The answer of each label: its name's tokens and the end token."""
+    return [_ids(tokenizer, name) + [end_token_id(tokenizer)] for name in label_names]
+
+
+def encode_instructions(
+    texts: list[str],
+    labels: list[int],
+    label_names: list[str],
+    tokenizer,
+    max_length: int,
+    prompt: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, targets)`` of prompt + answer sequences, left-padded.
+
+    ``targets[i, t]`` is the token at position t where t is in example i's answer, else
+    :data:`IGNORE`; position t-1 predicts it. A text is cut (its end) so that the prompt and the
+    longest answer fit ``max_length`` tokens.
+    """
+    request = prompt.replace("{labels}", ", ".join(label_names))
+    before, after = _prompt_pieces(tokenizer, request)
+    answers = answer_ids(tokenizer, label_names)
+    room = max_length - len(before) - len(after) - max(len(a) for a in answers)
+    if room < _MIN_TEXT_TOKENS:
+        raise ConfigError(
+            "model.max-length",
+            max_length,
+            f"an integer >= {max_length - room + _MIN_TEXT_TOKENS} (the prompt template and the "
+            f"longest answer take {max_length - room} tokens, a text needs at least "
+            f"{_MIN_TEXT_TOKENS})",
+        )
+    text_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    sequences, starts = [], []
+    for ids, label in zip(text_ids, labels, strict=True):
+        prompt_ids = before + ids[:room] + after
+        sequences.append(prompt_ids + answers[label])
+        starts.append(len(prompt_ids))
+    width = max((len(s) for s in sequences), default=1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(tokenizer)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    targets = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+    for i, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
+        offset = width - len(sequence)
+        input_ids[i, offset:] = torch.tensor(sequence)
+        attention_mask[i, offset:] = 1
+        targets[i, offset + start :] = torch.tensor(sequence[start:])
+    return input_ids, attention_mask, targets
