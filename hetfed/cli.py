@@ -26,6 +26,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import click
 from flwr.common.config import flatten_dict, parse_config_args
 
 from hetfed.errors import HetfedError
@@ -54,7 +55,15 @@ def scenario_run_config(folder: str | Path, overrides: list[str]) -> dict[str, A
     """The scenario's flat run config with ``--run-config`` style overrides applied."""
     doc = read_scenario(folder)
     config = flatten_dict(doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
-    extra = parse_config_args(overrides) if overrides else {}
+    extra = {}
+    for override in overrides:
+        try:
+            extra.update(parse_config_args([override]))
+        except click.ClickException as err:
+            raise HetfedError(
+                f"-c {override}: not KEY=VALUE with a TOML value (true/false, a number, or a "
+                f'quoted string such as results-dir="out/run")'
+            ) from err
     unknown = sorted(set(extra) - set(config))
     if unknown:  # flwr itself refuses these; say so before starting anything
         raise HetfedError(
@@ -116,8 +125,10 @@ def run(folder: str | Path, overrides: list[str]) -> int:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     federation = " ".join(f"{k}={_toml_value(v)}" for k, v in simulation_settings(folder).items())
     command = ["flwr", "run", str(folder), "--stream"]
-    for override in overrides:
-        command += ["--run-config", override]
+    if overrides:
+        # one --run-config: flwr 1.41 parses each flag on its own and merges them shallowly,
+        # so a second data.* override would replace the first one's whole data section
+        command += ["--run-config", " ".join(overrides)]
     if federation:
         command += ["--federation-config", federation]
     run_id = None

@@ -1,9 +1,11 @@
 """The instruction task (``model.task = instruction``): labelled texts as prompts and answers.
 
 Each example becomes a chat turn in the FLAN style (Wei et al., ICLR 2022, whose mixture holds
-classification datasets such as AG News rewritten as instructions): the user asks
-``model.prompt`` about the text, and the assistant answers with the label's name followed by the
-end-of-turn token. A causal LM is trained with the next-token loss on the answer tokens only.
+classification datasets such as AG News rewritten as instructions): ``model.prompt`` is the
+system message (it replaces a template's default one; in the user message when the template has
+no system role), the text is the user message, and the assistant answers with the label's name
+followed by the end-of-turn token. A causal LM is trained with the next-token loss on the answer
+tokens only.
 
 Evaluation is teacher forced, in one forward pass: the loss is the mean cross-entropy per answer
 token, and an example is correct when the model's most likely next token is the answer's at
@@ -31,8 +33,12 @@ def _prompt_pieces(tokenizer, request: str) -> tuple[list[int], list[int]]:
     """Token ids of the prompt before and after the text, with the tokenizer's chat template
     (generation prompt included) when it has one."""
     if getattr(tokenizer, "chat_template", None):
-        message = [{"role": "user", "content": f"{request}\n\n{_TEXT}"}]
-        prompt = tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+        chat = [{"role": "system", "content": request}, {"role": "user", "content": _TEXT}]
+        try:
+            prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - templates raise their own errors for a system turn
+            chat = [{"role": "user", "content": f"{request}\n\n{_TEXT}"}]
+            prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     else:
         prompt = _PLAIN_TEMPLATE.format(prompt=request)
     before, after = prompt.split(_TEXT)
@@ -58,6 +64,26 @@ def answer_ids(tokenizer, label_names: list[str]) -> list[list[int]]:
     return [_ids(tokenizer, name) + [end_token_id(tokenizer)] for name in label_names]
 
 
+def prompt_layout(
+    tokenizer, label_names: list[str], max_length: int, prompt: str
+) -> tuple[list[int], list[int], list[list[int]], int]:
+    """The prompt's ids before and after the text, each label's answer, and the room (tokens)
+    left for a text; a :class:`ConfigError` naming ``model.max-length`` if it is too small."""
+    request = prompt.replace("{labels}", ", ".join(label_names))
+    before, after = _prompt_pieces(tokenizer, request)
+    answers = answer_ids(tokenizer, label_names)
+    room = max_length - len(before) - len(after) - max(len(a) for a in answers)
+    if room < _MIN_TEXT_TOKENS:
+        raise ConfigError(
+            "model.max-length",
+            max_length,
+            f"an integer >= {max_length - room + _MIN_TEXT_TOKENS} (the prompt template and the "
+            f"longest answer take {max_length - room} tokens, a text needs at least "
+            f"{_MIN_TEXT_TOKENS})",
+        )
+    return before, after, answers, room
+
+
 def encode_instructions(
     texts: list[str],
     labels: list[int],
@@ -72,18 +98,7 @@ def encode_instructions(
     :data:`IGNORE`; position t-1 predicts it. A text is cut (its end) so that the prompt and the
     longest answer fit ``max_length`` tokens.
     """
-    request = prompt.replace("{labels}", ", ".join(label_names))
-    before, after = _prompt_pieces(tokenizer, request)
-    answers = answer_ids(tokenizer, label_names)
-    room = max_length - len(before) - len(after) - max(len(a) for a in answers)
-    if room < _MIN_TEXT_TOKENS:
-        raise ConfigError(
-            "model.max-length",
-            max_length,
-            f"an integer >= {max_length - room + _MIN_TEXT_TOKENS} (the prompt template and the "
-            f"longest answer take {max_length - room} tokens, a text needs at least "
-            f"{_MIN_TEXT_TOKENS})",
-        )
+    before, after, answers, room = prompt_layout(tokenizer, label_names, max_length, prompt)
     text_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
     sequences, starts = [], []
     for ids, label in zip(text_ids, labels, strict=True):

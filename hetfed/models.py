@@ -18,6 +18,7 @@ LM trained on prompts that end in the answer (:mod:`hetfed.instructions`); no he
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import threading
 from dataclasses import dataclass
@@ -150,8 +151,10 @@ def load_tokenizer(name: str):
     return resolve_model_source(name).load(AutoTokenizer)
 
 
+@functools.lru_cache(maxsize=8)
 def load_model_config(cfg: ModelConfig):
-    """The transformers config of the base model, without loading weights (cheap, for checks)."""
+    """The transformers config of the base model, without loading weights (for checks; cached:
+    reading a GGUF file's metadata takes seconds)."""
     if cfg.name in _TINY_RANDOM:
         return _tiny_config(cfg.name)
     try:

@@ -1,7 +1,8 @@
 """Everything checked before a run trains: the strategy, the run config, profiles, ranks, data.
 
 The ServerApp calls :func:`plan_run` first; ``hetfed check`` calls it on a scenario folder
-without starting Flower. Nothing here loads model weights or data; a run that resumes has its
+without starting Flower. Nothing here loads model weights; the instruction task loads the
+tokenizer and the label names to check that the prompt fits. A run that resumes has its
 checkpoint read and matched against the run config here too.
 """
 
@@ -14,9 +15,10 @@ from typing import Any
 
 from hetfed.checkpoint import Checkpoint, check_resumable, load_checkpoint, resume_folder
 from hetfed.config import RunSettings, Scalar, parse_run_config
-from hetfed.data import resolve_source
+from hetfed.data import load_splits, resolve_source
 from hetfed.errors import ConfigError
-from hetfed.models import load_model_config, max_lora_rank
+from hetfed.instructions import prompt_layout
+from hetfed.models import INSTRUCTION, load_model_config, load_tokenizer, max_lora_rank
 from hetfed.profiles import DeviceProfiles, load_profiles
 from hetfed.registry import load_strategy
 
@@ -77,6 +79,14 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
                 f"{num_layers} layers) or a fraction in (0, 1]",
                 profiles.source,
             )
+    if settings.model.task == INSTRUCTION:
+        label_names = load_splits(settings.data).label_names
+        prompt_layout(
+            load_tokenizer(settings.model.name),
+            label_names,
+            settings.model.max_length,
+            settings.model.prompt,
+        )
     resume_from = resume_folder(settings.resume, settings.results_dir)
     checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:

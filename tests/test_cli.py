@@ -77,6 +77,12 @@ def test_override_of_an_unknown_key_is_refused(capsys):
     assert "'num-rounds'" in capsys.readouterr().err
 
 
+def test_override_with_an_unquoted_string_is_a_clear_error(capsys):
+    assert main(["check", str(REPO / "scenarios" / "quickstart"), "-c", "results-dir=out/x"]) == 2
+    err = capsys.readouterr().err
+    assert "-c results-dir=out/x" in err and "quoted string" in err
+
+
 def test_resuming_another_runs_checkpoint_is_refused(tmp_path, capsys):
     config = {
         "strategy": "hetlora",

@@ -115,10 +115,14 @@ def test_instruction_task_end_to_end(run_scenario, tiny_config):
         "model.task": "instruction",
         "model.max-length": 40,
         "lora.target-modules": "q_proj,k_proj,v_proj,o_proj",
-        "train.local-steps": 15,
+        "train.eval-batch-size": 64,
     }
-    proc, results = run_scenario(config)
+    # two overrides of one section both arrive (flwr merges separate flags shallowly)
+    overrides = ("train.local-steps=15", "train.eval-batch-size=32")
+    proc, results = run_scenario(config, overrides=overrides)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    train = json.loads((results / "summary.json").read_text())["settings"]["train"]
+    assert (train["local_steps"], train["eval_batch_size"]) == (15, 32)
     assert "ranks [2, 2, 4, 8]" in proc.stdout
     rounds = read_metrics(results)
     assert [r["replied"] for r in rounds] == [0, 4, 4, 4]
