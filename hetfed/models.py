@@ -53,19 +53,12 @@ _NAME_ALLOWED = (
     f"a Hub name, a local folder or .gguf file, '{MINILM}', '{SMOLLM2}', "
     f"'{TINY_RANDOM_BERT}' or '{TINY_RANDOM_LLAMA}'"
 )
-_TINY_BERT = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=128,
-)
+_TINY = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64)
+_TINY_BERT = dict(_TINY, num_attention_heads=2, max_position_embeddings=128)
 _TINY_LLAMA = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
+    _TINY,
     num_attention_heads=4,
     num_key_value_heads=2,
-    intermediate_size=64,
     max_position_embeddings=512,
     # with the default 0.02 a 32-wide model's logits are all ~0 and LoRA on attention alone
     # cannot move the next-token distribution: the answers would stay unlearnable
