@@ -42,7 +42,7 @@ from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.errors import ConfigError
 from hetfed.models import CLASSIFICATION
 from hetfed.server_model import ServerModel
-from hetfed.training import Encoded, model_device, seeded_torch
+from hetfed.training import Encoded, seeded_torch, task_forward
 from hetfed.wire import LoraPairs, State
 from strategies.base import ClientUpdate, LoRAStrategy
 from strategies.zeropad import pad_and_sum
@@ -150,15 +150,9 @@ def pairwise_loss(
 
 
 def _forward(model: nn.Module, data: Encoded, idx: torch.Tensor) -> torch.Tensor:
-    mask = data.attention_mask[idx]
-    width = int(mask.sum(1).max())  # drop padding columns this batch does not need
-    device = model_device(model)
-    return model(
-        input_ids=data.input_ids[idx, :width].to(device), attention_mask=mask[:, :width].to(device)
-    )
+    return task_forward(model, data, idx)[0]
 
 
-@torch.no_grad()
 def predict(model: nn.Module, data: Encoded, batch_size: int = 64) -> torch.Tensor:
     """Logits of ``model`` (eval mode) on every example of ``data``, in order."""
     model.eval()

@@ -116,6 +116,7 @@ def test_instruction_task_end_to_end(run_scenario, tiny_config):
         "model.max-length": 40,
         "lora.target-modules": "q_proj,k_proj,v_proj,o_proj",
         "train.eval-batch-size": 64,
+        "num-server-rounds": 2,
     }
     # two overrides of one section both arrive (flwr merges separate flags shallowly)
     overrides = ("train.local-steps=15", "train.eval-batch-size=32")
@@ -125,7 +126,7 @@ def test_instruction_task_end_to_end(run_scenario, tiny_config):
     assert (train["local_steps"], train["eval_batch_size"]) == (15, 32)
     assert "ranks [2, 2, 4, 8]" in proc.stdout
     rounds = read_metrics(results)
-    assert [r["replied"] for r in rounds] == [0, 4, 4, 4]
+    assert [r["replied"] for r in rounds] == [0, 4, 4]
     assert rounds[-1]["loss"] < rounds[0]["loss"] / 2  # mean cross-entropy per answer token
     splits = load_splits(DataConfig(source=config["data.source"]))
     cfg = ModelConfig(name="tiny-random-llama", task="instruction", max_length=40)
