@@ -153,6 +153,7 @@ def _forward(model: nn.Module, data: Encoded, idx: torch.Tensor) -> torch.Tensor
     return task_forward(model, data, idx)[0]
 
 
+@torch.no_grad()
 def predict(model: nn.Module, data: Encoded, batch_size: int = 64) -> torch.Tensor:
     """Logits of ``model`` (eval mode) on every example of ``data``, in order."""
     model.eval()
