@@ -44,9 +44,7 @@ class LoraSpec:
     def name(self) -> str:
         return f"r{self.rank}-a{self.alpha:g}"
 
-    def peft_config(
-        self, base_model_name: str = "", head_modules: Iterable[str] = HEAD_MODULES
-    ) -> LoraConfig:
+    def peft_config(self, base_model_name: str, head_modules: Iterable[str]) -> LoraConfig:
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,

@@ -301,11 +301,6 @@ def client_workload(
     return Workload(settings, host, calls)
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(model_name: str):
-    return load_tokenizer(model_name)
-
-
 @functools.lru_cache(maxsize=64)
 def tokenized_partition(settings: RunSettings, partition: int, num_partitions: int) -> Encoded:
     """A node's tokenized partition as the ClientApp encodes it, without the ClientApp's cached
@@ -314,7 +309,7 @@ def tokenized_partition(settings: RunSettings, partition: int, num_partitions: i
     return encode(
         list(dataset["text"]),
         list(dataset["label"]),
-        _tokenizer(settings.model.name),
+        load_tokenizer(settings.model.name),
         settings.model.max_length,
     )
 

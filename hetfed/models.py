@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,8 +140,10 @@ def resolve_model_source(name: str) -> ModelSource:
     return ModelSource(name)
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(name: str):
-    """The tokenizer of model ``name``."""
+    """The tokenizer of model ``name`` (cached: the run check, the tiny models' configs and the
+    benchmark's partitions ask for it again and again; a GGUF tokenizer takes seconds to read)."""
     return resolve_model_source(name).load(AutoTokenizer)
 
 
@@ -196,23 +199,17 @@ def build_classifier(
         model, tokenizer = build_classifier(ModelConfig(name=...), num_labels)
         peft_model = PeftModel.from_pretrained(model, "results/<run>/adapter")
     """
-    source = resolve_model_source(cfg.name)
-    try:
-        tokenizer = source.load(AutoTokenizer)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            if cfg.name == TINY_RANDOM_BERT:
-                backbone = BertModel(_tiny_config(cfg.name), add_pooling_layer=False)
-            elif cfg.name in _TINY_RANDOM:
-                backbone = AutoModel.from_config(_tiny_config(cfg.name))
-            else:
-                backbone = source.load(AutoModel)
-            model = TextClassifier(backbone, num_labels, cfg.pooling)
-    except OSError as err:
-        raise ConfigError(
-            "model.name", cfg.name, f"a local model folder or a reachable Hub name ({_short(err)})"
-        ) from err
-    return _frozen(model, source), tokenizer
+
+    def make(source: ModelSource) -> TextClassifier:
+        if cfg.name == TINY_RANDOM_BERT:
+            backbone = BertModel(_tiny_config(cfg.name), add_pooling_layer=False)
+        elif cfg.name in _TINY_RANDOM:
+            backbone = AutoModel.from_config(_tiny_config(cfg.name))
+        else:
+            backbone = source.load(AutoModel)
+        return TextClassifier(backbone, num_labels, cfg.pooling)
+
+    return _frozen_model(cfg, seed, make)
 
 
 def build_causal_lm(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, object]:
@@ -220,29 +217,39 @@ def build_causal_lm(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, object]
 
     A user rebuilds it to load an exported adapter the same way as a classifier.
     """
+
+    def make(source: ModelSource) -> nn.Module:
+        if cfg.name in _TINY_RANDOM:
+            return AutoModelForCausalLM.from_config(_tiny_config(cfg.name))
+        return source.load(AutoModelForCausalLM, dtype=torch.float32)
+
+    model, tokenizer = _frozen_model(cfg, seed, make)
+    model.config.use_cache = False  # training and teacher-forced evaluation need no KV cache
+    return model, tokenizer
+
+
+def _frozen_model(
+    cfg: ModelConfig, seed: int, make: Callable[[ModelSource], nn.Module]
+) -> tuple[nn.Module, object]:
+    """``make(source)`` under a seeded RNG (so every process builds the same random parts),
+    frozen, in eval mode, with its tokenizer; a model that cannot be loaded is a ConfigError."""
     source = resolve_model_source(cfg.name)
     try:
+        # read anew, not load_tokenizer's cache: hetfed bench's naive baseline rebuilds the
+        # tokenizer along with the weights on every call
         tokenizer = source.load(AutoTokenizer)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            if cfg.name in _TINY_RANDOM:
-                model = AutoModelForCausalLM.from_config(_tiny_config(cfg.name))
-            else:
-                model = source.load(AutoModelForCausalLM, dtype=torch.float32)
+            model = make(source)
     except OSError as err:
         raise ConfigError(
             "model.name", cfg.name, f"a local model folder or a reachable Hub name ({_short(err)})"
         ) from err
-    model.config.use_cache = False  # training and teacher-forced evaluation need no KV cache
-    return _frozen(model, source), tokenizer
-
-
-def _frozen(model: nn.Module, source: ModelSource) -> nn.Module:
     model.name_or_path = source.path  # peft records it as the base model (local if packaged)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model.eval()
-    return model
+    return model, tokenizer
 
 
 def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> tuple[nn.Module, object]:
