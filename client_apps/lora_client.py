@@ -8,6 +8,7 @@ in simulation, from its partition id and the profile's assignment.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -166,12 +167,25 @@ def injected_fault(msg: Message, fault: str, wait_seconds: float) -> Message:
 
 
 def received_spec(msg: Message, settings: RunSettings) -> LoraSpec:
-    """The adapter a train message asks for: its rank and alpha on the run's LoRA modules."""
+    """The adapter a train message asks for: its rank, alpha and scaling rule on the run's LoRA
+    modules. A scaling the message states but this spec would not give is refused."""
     config = msg.content[wire.CONFIG]
     lora = settings.lora
-    return LoraSpec(
-        int(config[wire.RANK]), float(config[wire.LORA_ALPHA]), lora.modules(), lora.dropout
-    )
+    rank, alpha = int(config[wire.RANK]), float(config[wire.LORA_ALPHA])
+    rslora = config[wire.LORA_RSLORA]
+    if not isinstance(rslora, bool) or not (rank >= 1 and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(
+            f"cannot build a LoRA adapter of rank {rank}, alpha {alpha}, rslora {rslora!r}: "
+            "allowed are rank >= 1, a finite alpha > 0 and rslora true or false"
+        )
+    spec = LoraSpec(rank, alpha, lora.modules(), lora.dropout, rslora)
+    told = float(config[wire.LORA_SCALING])
+    if not math.isclose(spec.scaling, told, rel_tol=1e-9):
+        raise ValueError(
+            f"the server reads this adapter at scaling {told}, but rank {rank}, alpha {alpha}, "
+            f"rslora {rslora} give {spec.scaling}"
+        )
+    return spec
 
 
 def local_seed(msg: Message, context: Context) -> int:
@@ -214,6 +228,12 @@ def train(msg: Message, context: Context) -> Message:
     frozen = [str(f) for f in config[wire.FROZEN]] if wire.FROZEN in config else []
     with worker.host.lock:
         model = worker.host.set_state(spec, arrays)
+        built = worker.host.built_scaling(spec)
+        if not all(math.isclose(s, spec.scaling, rel_tol=1e-9) for s in built):
+            raise ValueError(  # peft must build what the server reads, before any training
+                f"peft built scalings {sorted(built)} for adapter {spec.name}, "
+                f"the server reads it at {spec.scaling}"
+            )
         worker.host.set_base_deltas(wire.base_deltas(received))  # FLoRA's merged base, if any
         penalty, keep, score_before = None, rank, 0.0
         if prune:

@@ -27,27 +27,37 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from hetfed import wire
+from hetfed.scaling import lora_scaling
 
 HEAD_MODULES = ("classifier",)
 
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """The shape of one client's adapter: its rank, scaling numerator and targeted modules."""
+    """The shape of one client's adapter: its rank, scaling numerator and targeted modules.
+
+    Its scaling is peft's: alpha / rank, or alpha / sqrt(rank) with ``rslora``.
+    """
 
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
     dropout: float = 0.0
+    rslora: bool = False
 
     @property
     def name(self) -> str:
-        return f"r{self.rank}-a{self.alpha:g}"
+        return f"r{self.rank}-a{self.alpha:g}" + ("-rs" if self.rslora else "")
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.alpha, self.rank, self.rslora)
 
     def peft_config(self, base_model_name: str, head_modules: Iterable[str]) -> LoraConfig:
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
+            use_rslora=self.rslora,
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
             modules_to_save=list(head_modules) or None,
@@ -176,6 +186,10 @@ class AdapterHost:
         modules = [module for _, module in self._lora_modules(spec)] if factors else []
         with _frozen(_factor_parameters(spec, modules, factors)):
             yield
+
+    def built_scaling(self, spec: LoraSpec) -> set[float]:
+        """The scalings peft gave ``spec``'s (loaded) adapter in its LoRA modules."""
+        return {float(module.scaling[spec.name]) for _, module in self._lora_modules(spec)}
 
     def _lora_modules(self, spec: LoraSpec) -> list[tuple[str, nn.Module]]:
         """(name, module) of every module that carries ``spec``'s (loaded) adapter.

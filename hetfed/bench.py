@@ -84,7 +84,14 @@ QUICKSTART = Path("scenarios/quickstart")
 WORKLOAD = {"strategy": "zeropad"}
 QUICK_WORKLOAD = {**WORKLOAD, "model.name": "tiny-random-bert", "train.local-steps": 2}
 # The train instructions a plain LoRA client follows (zeropad sends nothing else).
-PLAIN_TRAIN_KEYS = {wire.SERVER_ROUND, wire.RANK, wire.LORA_ALPHA, wire.SEED}
+PLAIN_TRAIN_KEYS = {
+    wire.SERVER_ROUND,
+    wire.RANK,
+    wire.LORA_ALPHA,
+    wire.LORA_RSLORA,
+    wire.LORA_SCALING,
+    wire.SEED,
+}
 
 # (d_out, d_in) of the linear layers of one transformer block (LLaMA names).
 SMOLLM2_135M_BLOCK = {
@@ -585,7 +592,10 @@ def random_updates(
         sent = wire.trainable(strategy.distribute(global_state, rank))
         state = {key: rng.standard_normal(value.shape, np.float32) for key, value in sent.items()}
         metrics = {wire.TRAIN_LOSS: 1.0}
-        updates.append(ClientUpdate(client, int(rng.integers(10, 1000)), rank, state, metrics))
+        scaling = strategy.source_scaling(rank)  # as the base converts an accepted reply
+        updates.append(
+            ClientUpdate(client, int(rng.integers(10, 1000)), rank, state, metrics, scaling)
+        )
     return updates
 
 

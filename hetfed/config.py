@@ -20,6 +20,7 @@ from typing import Any
 from hetfed.data import DataConfig
 from hetfed.errors import ConfigError
 from hetfed.models import ModelConfig
+from hetfed.scaling import SCALING_RULES
 from hetfed.training import TrainConfig
 
 Scalar = bool | int | float | str
@@ -27,11 +28,18 @@ Scalar = bool | int | float | str
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """Which modules carry LoRA and how updates are scaled (s = alpha / r per client)."""
+    """Which modules carry LoRA and how updates are scaled across ranks (:mod:`hetfed.scaling`).
+
+    ``scaling``: the rule s(r) of a rank-r adapter (``standard`` alpha / r, ``rslora``
+    alpha / sqrt(r), ``fixed`` alpha / r_max); ``rescale``: convert B between a client's scaling
+    and the global one both ways (false: the authors' codes, unconverted, as an ablation).
+    """
 
     target_modules: str = "query,value"
     alpha: float = 16.0
     dropout: float = 0.0
+    scaling: str = "standard"
+    rescale: bool = True
 
     def __post_init__(self) -> None:
         if not self.modules():
@@ -44,6 +52,8 @@ class LoraSettings:
             raise ConfigError("lora.alpha", self.alpha, "a number > 0")
         if not 0 <= self.dropout < 1:
             raise ConfigError("lora.dropout", self.dropout, "a number in [0, 1)")
+        if self.scaling not in SCALING_RULES:
+            raise ConfigError("lora.scaling", self.scaling, " | ".join(SCALING_RULES))
 
     def modules(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.target_modules.split(",") if m.strip())

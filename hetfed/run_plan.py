@@ -21,6 +21,7 @@ from hetfed.instructions import prompt_layout
 from hetfed.models import INSTRUCTION, load_model_config, load_tokenizer, max_lora_rank
 from hetfed.profiles import DeviceProfiles, load_profiles
 from hetfed.registry import load_strategy
+from strategies.base import NodeBudget
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,24 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
     plan = RunPlan(
         settings, options, strategy_class, profiles, limit, num_layers, resume_from, checkpoint
     )
-    rank = plan.build_strategy().global_rank()
+    strategy = plan.build_strategy()
+    rank = strategy.global_rank()
     if not 1 <= rank <= limit:
         raise ConfigError(f"{strategy_name}.rank", rank, f"an integer in [1, {limit}]")
+    check_affordable_ranks(strategy, profiles, f"{strategy_name}.rank")
     return plan
+
+
+def check_affordable_ranks(strategy: Any, profiles: DeviceProfiles, key: str) -> None:
+    """Every tier is sent a rank within its budget (a device refuses a larger one)."""
+    for client_id, tier in enumerate(profiles.tiers.values()):  # one stand-in client per tier
+        strategy.budgets[client_id] = NodeBudget(tier.name, tier.rank)
+        rank = strategy.client_rank(client_id)
+        if rank > tier.rank:
+            raise ConfigError(
+                key,
+                rank,
+                f"a rank of at most {tier.rank}: tier {tier.name} affords rank {tier.rank} and its "
+                "devices refuse more (for a reference in which every device affords a rank R, "
+                "use profiles whose tiers all have rank >= R)",
+            )

@@ -24,10 +24,6 @@ class ServerModel:
     public: Encoded | None  # the server split (``data.server-examples``), if any
     label_names: list[str]
 
-    def spec(self, rank: int, alpha: float) -> LoraSpec:
-        lora = self.settings.lora
-        return LoraSpec(rank, alpha, lora.modules(), lora.dropout)
-
     def load(
         self,
         spec: LoraSpec,

@@ -3,22 +3,28 @@
 A sweep file (YAML)::
 
     scenario: scenarios/banking77-ranks     # relative to the sweep file
-    seeds: [42]                             # optional; each run once per seed
+    seeds: [1, 2, 3]                        # optional (default [42]); each run once per seed
     target-accuracy: 0.5                    # optional; for "rounds to target"
+    baseline: fedit                         # optional; paired differences to this run
     runs:                                   # name -> run-config keys set for that run
       hetlora: {strategy: hetlora}
       helora-pad-zero: {strategy: helora-pad, helora-pad.filler: zero}
 
 Each run is a real Flower run of a copy of the scenario whose config has the run's keys (so a
-run may set options of its own strategy that the scenario does not name). Results go to
-``<out>/<run>-seed<seed>/``; a run whose ``summary.json`` exists is not redone. At the end the
-sweep writes ``comparison.csv``, ``comparison.md`` and ``accuracy.png`` (a line per run).
+run may set options of its own strategy that the scenario does not name) and the seed. Results
+go to ``<out>/<run>-seed<seed>/``; a run whose ``summary.json`` exists is not redone. At the end
+the sweep writes ``comparison.csv`` (a row per run and seed), ``summary.csv`` and
+``comparison.md`` (per run, the mean and 95% interval over the seeds, :mod:`hetfed.stats`, and
+the paired differences to the baseline) and ``accuracy.png``/``loss.png`` (the mean per round,
+the interval shaded).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
+import math
 import shutil
 import tomllib
 from dataclasses import dataclass
@@ -31,8 +37,9 @@ from flwr.common.config import flatten_dict, unflatten_dict
 
 from hetfed.errors import ConfigError
 from hetfed.results import read_metrics
+from hetfed.stats import Interval, mean_interval, paired_difference
 
-SWEEP_KEYS = ("scenario", "seeds", "target-accuracy", "runs")
+SWEEP_KEYS = ("scenario", "seeds", "target-accuracy", "baseline", "runs")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class Sweep:
     runs: dict[str, dict[str, Any]]
     seeds: tuple[int, ...] = (42,)
     target_accuracy: float | None = None
+    baseline: str | None = None  # a run name: every run's paired difference to it
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -68,7 +76,11 @@ def load_sweep(path: str | Path) -> Sweep:
     target = doc.get("target-accuracy")
     if target is not None and not (isinstance(target, int | float) and 0 < target <= 1):
         raise ConfigError("target-accuracy", target, "a number in (0, 1]", source)
-    return Sweep(scenario, {str(k): dict(v) for k, v in runs.items()}, tuple(seeds), target)
+    baseline = doc.get("baseline")
+    if baseline is not None and baseline not in runs:
+        raise ConfigError("baseline", baseline, f"one of the runs: {', '.join(runs)}", source)
+    runs = {str(k): dict(v) for k, v in runs.items()}
+    return Sweep(scenario, runs, tuple(seeds), target, baseline)
 
 
 def write_variant(scenario: Path, folder: Path, keys: dict[str, Any]) -> Path:
@@ -121,8 +133,7 @@ def rounds_to(records: list[dict[str, Any]], target: float | None) -> int | None
 
 
 def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
-    import json
-
+    """One row per (run, seed): its status and, when it finished, its figures and curves."""
     rows = []
     for name in sweep.runs:
         for seed in sweep.seeds:
@@ -144,11 +155,13 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                     "status": "completed",
                     "final_accuracy": round(summary["final_accuracy"], 4),
                     "best_accuracy": round(summary["best_accuracy"], 4),
+                    "final_loss": round(records[-1]["loss"], 4),
                     "rounds_to_target": rounds_to(records, sweep.target_accuracy),
                     "mb_down": round(summary["bytes_down"] / 1e6, 2),
                     "mb_up": round(summary["bytes_up"] / 1e6, 2),
                     "seconds": round(summary["seconds"], 1),
                     "accuracy_by_round": [r["accuracy"] for r in records],
+                    "loss_by_round": [r["loss"] for r in records],
                 }
             )
     return rows
@@ -161,44 +174,163 @@ COLUMNS = (
     "status",
     "final_accuracy",
     "best_accuracy",
+    "final_loss",
     "rounds_to_target",
     "mb_down",
     "mb_up",
     "seconds",
 )
+# Figures summarised over seeds, and those compared with the baseline seed by seed.
+SUMMARISED = (
+    "final_accuracy",
+    "best_accuracy",
+    "final_loss",
+    "rounds_to_target",
+    "mb_down",
+    "mb_up",
+    "seconds",
+)
+PAIRED = ("final_accuracy", "best_accuracy", "final_loss")
+
+
+def seed_values(rows: list[dict[str, Any]], run: str, metric: str) -> dict[int, float]:
+    """seed -> value of ``metric`` for the finished seeds of ``run`` that have one."""
+    return {
+        r["seed"]: r[metric]
+        for r in rows
+        if r["run"] == run and r["status"] == "completed" and r.get(metric) is not None
+    }
+
+
+def summary_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any]]:
+    """Per run: each figure's :class:`~hetfed.stats.Interval` over the seeds, and with a
+    baseline, the paired difference to it of :data:`PAIRED` (same seeds)."""
+    summaries = []
+    for name in sweep.runs:
+        finished = seed_values(rows, name, "final_accuracy")
+        summary: dict[str, Any] = {
+            "run": name,
+            "strategy": sweep.runs[name].get("strategy", ""),
+            "seeds": len(finished),
+            "failed": len(sweep.seeds) - len(finished),
+        }
+        for metric in SUMMARISED:
+            summary[metric] = mean_interval(list(seed_values(rows, name, metric).values()))
+        summary["reached_target"] = len(seed_values(rows, name, "rounds_to_target"))
+        if sweep.baseline is not None:
+            for metric in PAIRED:
+                summary[f"{metric}_vs_baseline"] = paired_difference(
+                    seed_values(rows, name, metric), seed_values(rows, sweep.baseline, metric)
+                )
+        summaries.append(summary)
+    return summaries
+
+
+def _interval_columns(summaries: list[dict[str, Any]]) -> list[str]:
+    return [k for k, v in summaries[0].items() if isinstance(v, Interval)] if summaries else []
 
 
 def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> None:
+    """``comparison.csv`` (a row per run and seed), ``summary.csv`` (per run: mean, sd and
+    95% interval of every figure; paired differences to the baseline), ``comparison.md``,
+    ``accuracy.png`` and ``loss.png`` (mean per round with its interval shaded)."""
     with (out / "comparison.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    header = "| " + " | ".join(COLUMNS) + " |"
-    lines = [header, "|" + "---|" * len(COLUMNS)]
+    summaries = summary_rows(rows, sweep)
+    intervals = _interval_columns(summaries)
+    fields = ["run", "strategy", "seeds", "failed", "reached_target"]
+    fields += [f"{c}_{part}" for c in intervals for part in ("mean", "sd", "low", "high")]
+    with (out / "summary.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for summary in summaries:
+            flat = {k: v for k, v in summary.items() if not isinstance(v, Interval)}
+            for column in intervals:
+                value = summary[column]
+                for part in ("mean", "sd", "low", "high"):
+                    flat[f"{column}_{part}"] = _csv_number(getattr(value, part))
+            writer.writerow(flat)
+    (out / "comparison.md").write_text(comparison_markdown(rows, summaries, sweep), "utf-8")
+    for metric, label in (("accuracy", "central test accuracy"), ("loss", "central test loss")):
+        plot_rounds(rows, sweep, metric, label, out / f"{metric}.png")
+
+
+def _csv_number(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.6g}"
+
+
+def comparison_markdown(
+    rows: list[dict[str, Any]], summaries: list[dict[str, Any]], sweep: Sweep
+) -> str:
+    """The per-run table over seeds (mean ± 95% interval half-width) and the per-seed table."""
+    lines = []
+    if len(sweep.seeds) > 1:
+        columns = ["final_accuracy", "best_accuracy", "final_loss"]
+        if sweep.baseline is not None:
+            columns += [f"{m}_vs_baseline" for m in ("final_accuracy", "final_loss")]
+        columns += ["rounds_to_target", "mb_down", "mb_up", "seconds"]
+        lines += [
+            f"Mean ± 95% interval (Student t) over seeds {', '.join(map(str, sweep.seeds))}"
+            + (
+                f"; `_vs_baseline`: paired difference to `{sweep.baseline}`, same seeds."
+                if sweep.baseline is not None
+                else "."
+            ),
+            "",
+            "| run | strategy | seeds | " + " | ".join(columns) + " |",
+            "|---|---|---|" + "---|" * len(columns),
+        ]
+        for summary in summaries:
+            cells = [summary["run"], summary["strategy"], str(summary["seeds"])]
+            for column in columns:
+                digits = 3 if column not in ("mb_down", "mb_up", "seconds") else 1
+                text = summary[column].format(digits)
+                if column == "rounds_to_target" and summary["seeds"]:
+                    text = f"{text} ({summary['reached_target']}/{summary['seeds']} reached)"
+                cells.append(text)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Per seed:", ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         cells = ["" if row.get(c) is None else str(row.get(c)) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     if sweep.target_accuracy is not None:
         lines.append(f"\nrounds_to_target: first round with accuracy >= {sweep.target_accuracy}")
-    (out / "comparison.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
 
+
+def plot_rounds(
+    rows: list[dict[str, Any]], sweep: Sweep, metric: str, label: str, path: Path
+) -> None:
+    """A line per run: the mean of ``metric`` per round over its finished seeds, with the 95%
+    interval shaded when there are several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        if row["status"] == "completed":
-            label = row["run"] if len(sweep.seeds) == 1 else f"{row['run']} (seed {row['seed']})"
-            accuracy = row["accuracy_by_round"]
-            ax.plot(range(len(accuracy)), accuracy, marker="o", markersize=3, label=label)
+    for name in sweep.runs:
+        curves = [
+            r[f"{metric}_by_round"] for r in rows if r["run"] == name and r["status"] == "completed"
+        ]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        per_round = [mean_interval([c[t] for c in curves]) for t in range(length)]
+        means = [i.mean for i in per_round]
+        (line,) = ax.plot(range(length), means, marker="o", markersize=3, label=name)
+        if len(curves) > 1:
+            low, high = [i.low for i in per_round], [i.high for i in per_round]
+            ax.fill_between(range(length), low, high, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("round")
-    ax.set_ylabel("central test accuracy")
+    ax.set_ylabel(label + (f" (mean of {len(sweep.seeds)} seeds)" if len(sweep.seeds) > 1 else ""))
     ax.set_title(sweep.scenario.name)
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -51,14 +51,13 @@ def merged_adapter(spec: LoraSpec, state: State, deltas: State) -> tuple[LoraSpe
     if not deltas:
         return spec, state
     pairs, head = wire.split_state(state)
-    scaling = spec.alpha / spec.rank
     factors = {
-        module: la.low_rank_factors(deltas.get(module, 0) + scaling * (b @ a))
+        module: la.low_rank_factors(deltas.get(module, 0) + spec.scaling * (b @ a))
         for module, (b, a) in pairs.items()
     }
     rank = max(a.shape[0] for _, a in factors.values())
     padded = {module: la.pad(b, a, rank) for module, (b, a) in factors.items()}
-    return replace(spec, rank=rank, alpha=float(rank)), wire.join_state(padded, head)
+    return replace(spec, rank=rank, alpha=float(rank), rslora=False), wire.join_state(padded, head)
 
 
 @app.main()

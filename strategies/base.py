@@ -14,6 +14,8 @@ it and overrides a few hooks:
 - :meth:`global_rank` / :meth:`initial_state` - the server's global adapter;
 - :meth:`client_rank`, :meth:`client_alpha`, :meth:`client_config`, :meth:`distribute` - what a
   client is sent (default: the truncation of the global adapter to its tier's rank);
+- :meth:`source_scaling` - the scaling of the global adapter a client's arrays are cut from
+  (the base converts B between it and the client's scaling both ways, :mod:`hetfed.scaling`);
 - :meth:`allowed_reply_ranks` - the ranks a client may answer with;
 - :meth:`aggregate_lora` - the method's aggregation rule (the math lives in
   :mod:`hetfed.lora_algebra`), or :meth:`aggregate` for methods whose global state is more than
@@ -46,6 +48,7 @@ from hetfed.adapters import LoraSpec
 from hetfed.config import RunSettings
 from hetfed.models import TASKS
 from hetfed.profiles import DeviceProfiles
+from hetfed.scaling import rescale_b, rule_alpha
 from hetfed.server_model import ServerModel
 from hetfed.wire import LoraPairs, State
 
@@ -61,13 +64,19 @@ class NodeBudget:
 
 @dataclass
 class ClientUpdate:
-    """One valid training reply, decoded."""
+    """One valid training reply, decoded.
+
+    Its LoRA product means ``scaling * B A``: with ``lora.rescale`` the base has converted B to
+    the scaling of the global adapter (:meth:`LoRAStrategy.source_scaling`), otherwise it is
+    the scaling the client trained at.
+    """
 
     client_id: int
     num_examples: int
     rank: int
     state: State
     metrics: dict[str, float]
+    scaling: float
 
     @cached_property  # aggregation asks for it once per module
     def lora(self) -> LoraPairs:
@@ -81,7 +90,19 @@ class ClientUpdate:
         """This update with only the given LoRA modules (and the head)."""
         pairs, head = wire.split_state(self.state)
         state = wire.join_state({m: pairs[m] for m in modules}, head)
-        return ClientUpdate(self.client_id, self.num_examples, self.rank, state, self.metrics)
+        return ClientUpdate(
+            self.client_id, self.num_examples, self.rank, state, self.metrics, self.scaling
+        )
+
+
+@dataclass(frozen=True)
+class SentAdapter:
+    """What one client was sent this round, to check and convert its reply."""
+
+    rank: int
+    expected: State  # the arrays it must return (shapes; the sent values for the norm bound)
+    scaling: float  # s_k, the scaling it trains at
+    source_scaling: float  # s_g of the global adapter its arrays were cut from
 
 
 @dataclass
@@ -127,7 +148,7 @@ class LoRAStrategy(Strategy):
         self.attempt = 0  # of the current round (0 unless it is being retried)
         self._node_of: dict[int, int] = {}  # client id -> Flower node id in this run
         self._client_of: dict[int, int] = {}  # Flower node id -> client id
-        self._sent: dict[int, tuple[int, State]] = {}  # client -> (rank, expected arrays)
+        self._sent: dict[int, SentAdapter] = {}
         self._global_state: State = {}  # the global adapter this round started from
         self.server: ServerModel | None = None
 
@@ -136,10 +157,19 @@ class LoRAStrategy(Strategy):
         """Rank of the server's global adapter: the largest budget by default."""
         return self.profiles.max_rank
 
-    def global_spec(self) -> LoraSpec:
-        rank = self.global_rank()
+    def spec(self, rank: int) -> LoraSpec:
+        """The peft adapter of a rank-``rank`` model of this method (its alpha, its scaling)."""
         lora = self.settings.lora
-        return LoraSpec(rank, self.client_alpha(rank), lora.modules(), lora.dropout)
+        rslora = lora.scaling == "rslora"
+        return LoraSpec(rank, self.client_alpha(rank), lora.modules(), lora.dropout, rslora)
+
+    def global_spec(self) -> LoraSpec:
+        return self.spec(self.global_rank())
+
+    def source_scaling(self, rank: int) -> float:
+        """The scaling of the global adapter whose arrays a rank-``rank`` client gets: the one
+        global adapter's s_g by default (a method with one adapter per rank overrides it)."""
+        return self.global_spec().scaling
 
     def bind(self, server: ServerModel) -> None:
         """Receive the ServerApp's model (for server-side computation) before the first round."""
@@ -158,8 +188,9 @@ class LoRAStrategy(Strategy):
         return min(self.budgets[client_id].rank, self.global_rank())
 
     def client_alpha(self, rank: int) -> float:
-        """LoRA alpha of a rank-``rank`` client; its scaling is s = alpha / rank."""
-        return self.settings.lora.alpha
+        """LoRA alpha of a rank-``rank`` adapter under the ``lora.scaling`` rule."""
+        lora = self.settings.lora
+        return rule_alpha(lora.scaling, lora.alpha, rank, self.profiles.max_rank)
 
     def client_config(self, server_round: int, client_id: int) -> dict[str, Any]:
         """Method-specific instructions added to a client's train config."""
@@ -339,11 +370,18 @@ class LoRAStrategy(Strategy):
         for client_id in clients:
             rank = self.client_rank(client_id)
             layers = self.client_layers(server_round, client_id)
+            spec = self.spec(rank)
+            source_scaling = self.source_scaling(rank)
             state = self.distribute(global_state, rank)
+            if self.settings.lora.rescale:  # s_k B_k A_k = s_g B[:, :r_k] A[:r_k, :]
+                ratio = source_scaling / spec.scaling
+                state = wire.map_lora(state, lambda b, a, f=ratio: rescale_b(b, a, f))
             node_config = {
                 wire.SERVER_ROUND: server_round,
                 wire.RANK: rank,
-                wire.LORA_ALPHA: float(self.client_alpha(rank)),
+                wire.LORA_ALPHA: float(spec.alpha),
+                wire.LORA_RSLORA: spec.rslora,
+                wire.LORA_SCALING: spec.scaling,
                 wire.SEED: self.settings.seed * 100_003 + server_round,
                 **self.client_config(server_round, client_id),
             }
@@ -359,16 +397,16 @@ class LoRAStrategy(Strategy):
             )
             node_id = self._node_of[client_id]
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
-            self._sent[client_id] = (rank, expected)
+            self._sent[client_id] = SentAdapter(rank, expected, spec.scaling, source_scaling)
             stats.bytes_down += wire.nbytes(state)
         stats.sampled += len(clients)
-        stats.ranks = {str(c): self._sent[c][0] for c in clients}
+        stats.ranks = {str(c): self._sent[c].rank for c in clients}
         log(
             INFO,
             "configure_train: round %d sends %d clients their adapters (ranks %s)%s",
             server_round,
             len(clients),
-            sorted(r for r, _ in self._sent.values()),
+            sorted(sent.rank for sent in self._sent.values()),
             f"; injected faults {faults}" if faults else "",
         )
         return messages
@@ -531,17 +569,17 @@ class LoRAStrategy(Strategy):
         except (KeyError, TypeError, ValueError) as err:
             return None, f"missing or malformed {err}"
         stats.bytes_up += wire.nbytes(state)
-        sent_rank, sent_state = self._sent.get(client_id, (None, None))
-        if sent_state is None:
+        sent = self._sent.get(client_id)
+        if sent is None:
             return None, "it was not sent anything this round"
-        allowed = self.allowed_reply_ranks(client_id, sent_rank)
+        allowed = self.allowed_reply_ranks(client_id, sent.rank)
         if rank not in allowed:
             return None, f"it claims rank {rank}, allowed {sorted(allowed)}"
         if num_examples < 1 or not np.isfinite(train_loss):
             return None, f"num-examples {num_examples}, train-loss {train_loss}"
-        problem = wire.reply_problem(state, sent_state, rank)
+        problem = wire.reply_problem(state, sent.expected, rank)
         if problem is None and self.settings.max_update_norm > 0:
-            norm = wire.update_norm(state, sent_state)
+            norm = wire.update_norm(state, sent.expected)
             bound = self.settings.max_update_norm
             if norm > bound:
                 problem = f"update norm {norm:.4g} > max-update-norm {bound}"
@@ -549,4 +587,8 @@ class LoRAStrategy(Strategy):
             return None, problem
         del self._sent[client_id]  # a second reply from the same client is not counted twice
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        return ClientUpdate(client_id, num_examples, rank, state, metrics), None
+        scaling = sent.scaling  # what it trained at, also when it pruned its rank
+        if self.settings.lora.rescale:  # the product keeps its size: B times s_k / s_g
+            ratio, scaling = sent.scaling / sent.source_scaling, sent.source_scaling
+            state = wire.map_lora(state, lambda b, a: rescale_b(b, a, ratio))
+        return ClientUpdate(client_id, num_examples, rank, state, metrics, scaling), None

@@ -3,26 +3,28 @@
 Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
 Resources", NeurIPS 2024 (arXiv 2402.11505). See docs/methods/flexlora.md.
 
-Per LoRA module, with p_k = n_k / sum(n) and each client's scaling s_k = alpha_k / r_k:
+Per LoRA module, with p_k = n_k / sum(n) and each client's scaling s_k:
 
 - Aggregate: W_g = sum_k p_k s_k B_k A_k = U diag(S) V^T, computed from the factors
-  (:func:`hetfed.lora_algebra.factored_svd`, weights p_k s_k); the d_out x d_in matrix W_g is
-  never formed. The server keeps the leading r_max = :meth:`global_rank` triplets as a LoRA
-  module of the global scaling s_g = alpha(r_max) / r_max: B = U diag(S) / s_g, A = V^T
-  (:func:`hetfed.lora_algebra.svd_factors`), so s_g B A is the best rank-r_max approximation.
+  (:func:`hetfed.lora_algebra.factored_svd`, weights p_k times the scaling each reply's product
+  is read at); the d_out x d_in matrix W_g is never formed. The server keeps the leading
+  r_max = :meth:`global_rank` triplets as a LoRA module of the global scaling s_g:
+  B = U diag(S) / s_g, A = V^T (:func:`hetfed.lora_algebra.svd_factors`), so s_g B A is the
+  best rank-r_max approximation.
 - Distribute: client k gets the best rank-r_k approximation of W_g,
   B_k = U[:, :r_k] diag(S[:r_k]) / s_k, A_k = V^T[:r_k, :]. The stored factors are SVD-ordered,
-  so this is their truncation with B rescaled by s_g / s_k (no new SVD). The initial global
-  adapter (A random, B = 0) is not SVD-ordered, but its product is 0, and the truncation gives
-  each client the zero update too (B_k = 0, A_k = A[:r_k], as HetLoRA's truncation would).
+  so this is their truncation with B rescaled by s_g / s_k: exactly the base's truncation under
+  hetfed's scaling rule (:mod:`hetfed.scaling`), which FlexLoRA therefore requires
+  (``lora.rescale = true``). The initial global adapter (A random, B = 0) is not SVD-ordered,
+  but its product is 0, and the truncation gives each client the zero update too.
 - The task head is averaged with p_k (the base class).
 """
 
 from __future__ import annotations
 
 from hetfed import lora_algebra as la
-from hetfed import wire
-from hetfed.wire import LoraPairs, State
+from hetfed.errors import ConfigError
+from hetfed.wire import LoraPairs
 from strategies.base import ClientUpdate, LoRAStrategy
 
 
@@ -33,24 +35,15 @@ class FlexLoRA(LoRAStrategy):
     description = "FlexLoRA: SVD of the summed full-size updates, best rank-r_k part per client"
     options_class = None
 
-    def scaling(self, rank: int) -> float:
-        """A rank-``rank`` adapter's LoRA scaling s = alpha / r."""
-        return float(self.client_alpha(rank)) / rank
-
-    def distribute(self, global_state: State, rank: int) -> State:
-        """The best rank-``rank`` approximation of the global update, at the client's scaling.
-
-        The global factors are SVD-ordered (B = U S / s_g, A = V^T), so truncating them and
-        rescaling B by s_g / s_k gives B_k = U_r S_r / s_k, A_k = Vt_r. The head and anything
-        else in the state pass through unchanged.
-        """
-        ratio = self.scaling(self.global_rank()) / self.scaling(rank)
-
-        def best_rank(b, a):
-            b_k, a_k = la.truncate(b, a, rank)
-            return (b_k * ratio).astype(b.dtype, copy=False), a_k
-
-        return wire.map_lora(global_state, best_rank)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.settings.lora.rescale:
+            raise ConfigError(
+                "lora.rescale",
+                False,
+                "true for flexlora: its rule sends each client B_k = U_r S_r / s_k, which is the "
+                "rescaled truncation (the authors' code rescales too)",
+            )
 
     def aggregate_lora(
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
@@ -62,9 +55,9 @@ class FlexLoRA(LoRAStrategy):
         represents the same update).
         """
         r_max = self.global_rank()
-        s_g = self.scaling(r_max)
+        s_g = self.global_spec().scaling
         p = la.normalize_weights([u.num_examples for u in updates])
-        weights = [pk * self.scaling(u.rank) for pk, u in zip(p, updates, strict=True)]
+        weights = [pk * u.scaling for pk, u in zip(p, updates, strict=True)]
         lora = [u.lora for u in updates]
         total = sum(u.rank for u in updates)
         aggregated = {}

@@ -14,7 +14,9 @@ Per LoRA module, with p_k = n_k / sum(n) and client scaling s_k = alpha_k / r_k:
   +-1/sqrt(d_in) (peft's kaiming-uniform with a = sqrt(5)) from numpy seeded with
   (settings.seed mod 2^63, round), B = 0; every client starts a fresh rank-r_k LoRA (the
   truncation of the fresh global one).
-- Scaling alpha_k = 2 r_k (s_k = 2), as in the authors' code.
+- Scaling alpha_k = 2 r_k (s_k = 2 for every client), as in the authors' code: one scaling, so
+  hetfed's conversion between client and global scaling (:mod:`hetfed.scaling`) is the
+  identity, and ``lora.scaling`` other than ``standard`` is refused.
 - The task head is averaged with p_k (the base class).
 """
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from hetfed import lora_algebra as la
 from hetfed import wire
+from hetfed.errors import ConfigError
 from hetfed.wire import LoraPairs, State
 from strategies.base import ClientUpdate, LoRAStrategy
 
@@ -55,6 +58,15 @@ class FLoRA(LoRAStrategy):
     description = "FLoRA: stack the updates exactly, merge them into the base, fresh LoRA per round"
     options_class = None
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.settings.lora.scaling != "standard":
+            raise ConfigError(
+                "lora.scaling",
+                self.settings.lora.scaling,
+                "standard for flora: it scales every client by 2 (alpha_k = 2 r_k)",
+            )
+
     def client_alpha(self, rank: int) -> float:
         """alpha_k = 2 r_k (the authors' code), so every client's scaling is s_k = 2."""
         return 2.0 * rank
@@ -79,9 +91,7 @@ class FLoRA(LoRAStrategy):
     def merged_deltas(self, updates: list[ClientUpdate], global_state: State) -> State:
         """delta_m + B_s A_s per module m, with B_s A_s = sum_k p_k s_k B_k A_k (stacking)."""
         p = la.normalize_weights([u.num_examples for u in updates])
-        weights = [
-            pk * float(self.client_alpha(u.rank)) / u.rank for pk, u in zip(p, updates, strict=True)
-        ]
+        weights = [pk * u.scaling for pk, u in zip(p, updates, strict=True)]
         lora = [u.lora for u in updates]
         global_lora = wire.split_state(global_state)[0]
         old = {**zero_deltas(global_lora), **wire.base_deltas(global_state)}

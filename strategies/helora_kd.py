@@ -316,10 +316,9 @@ class HeLoRAKD(LoRAStrategy):
         """The distinct tier ranks (capped at the global rank): one global adapter each."""
         return sorted({min(t.rank, self.global_rank()) for t in self.profiles.tiers.values()})
 
-    def group_spec(self, rank: int) -> LoraSpec:
-        """Group ``rank``'s peft adapter: ``ServerModel.spec(rank, client_alpha(rank))``."""
-        lora = self.settings.lora
-        return LoraSpec(rank, self.client_alpha(rank), lora.modules(), lora.dropout)
+    def source_scaling(self, rank: int) -> float:
+        """A client is sent its own group's adapter, which already has its scaling."""
+        return self.spec(rank).scaling
 
     def bind(self, server: ServerModel) -> None:
         if server.public is None or len(server.public) < 1:
@@ -376,7 +375,7 @@ class HeLoRAKD(LoRAStrategy):
         opts = self.options
         result = mutual_learning(
             self.server.host,
-            {r: (self.group_spec(r), state) for r, state in groups.items()},
+            {r: (self.spec(r), state) for r, state in groups.items()},
             self.server.public,
             mode=opts.distillation,
             temperature=opts.temperature,

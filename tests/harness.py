@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from hetfed import wire
-from hetfed.config import RunSettings
+from hetfed.config import LoraSettings, RunSettings
 from hetfed.profiles import parse_profiles
 
 PROFILES = parse_profiles(
@@ -69,8 +69,11 @@ def global_state(rng, rank=8, modules=MODULES):
     return state
 
 
-def make(strategy_cls, options):
-    settings = RunSettings(min_train_nodes=1, min_available_nodes=3)
+def make(strategy_cls, options, rescale=True, scaling="standard"):
+    """A strategy on the harness profiles; ``rescale=False`` is the unconverted rule (the
+    authors' codes), under which a reply's factors are aggregated exactly as they arrive."""
+    lora = LoraSettings(rescale=rescale, scaling=scaling)
+    settings = RunSettings(min_train_nodes=1, min_available_nodes=3, lora=lora)
     return strategy_cls(settings, PROFILES, options)
 
 

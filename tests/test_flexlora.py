@@ -105,14 +105,14 @@ def test_fewer_components_than_the_global_rank_are_zero_padded():
         )
 
 
-def _updates(rng, d, ranks):
+def _updates(rng, d, ranks, scaling=1.0):
     updates = []
     for k, r in enumerate(ranks):
         state = {
             "m.lora_A.weight": rng.normal(size=(r, d)).astype(np.float32),
             "m.lora_B.weight": rng.normal(size=(d, r)).astype(np.float32),
         }
-        updates.append(ClientUpdate(k, int(rng.integers(1, 100)), int(r), state, {}))
+        updates.append(ClientUpdate(k, int(rng.integers(1, 100)), int(r), state, {}, scaling))
     return updates
 
 

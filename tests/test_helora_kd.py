@@ -85,7 +85,7 @@ def public_kl(server: ServerModel, strategy: HeLoRAKD, state) -> float:
     probs = []
     with server.host.lock:
         for rank, arrays in split_groups(state).items():
-            model = server.load(strategy.group_spec(rank), arrays)
+            model = server.load(strategy.spec(rank), arrays)
             model.eval()
             with torch.no_grad():
                 logits = model(

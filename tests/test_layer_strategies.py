@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from hetfed import wire
 from hetfed.adapters import AdapterHost
-from hetfed.config import RunSettings, parse_run_config
+from hetfed.config import LoraSettings, RunSettings, parse_run_config
 from hetfed.data import DataConfig
 from hetfed.errors import ConfigError
 from hetfed.layer_allocation import fisher_probabilities, pattern_probabilities
@@ -238,7 +238,7 @@ def test_hetlora_ranks_truncate_per_tier_and_aggregate_per_layer_by_sparsity():
     rng = np.random.default_rng(5)
     tiers = {"s": (2, 1), "m": (4, 1), "l": (8, None)}
     options = RGDHLAOptions(ranks="hetlora", pattern="uniform")
-    strategy, grid = make(RGDHLA, options, tiers, tiers, 2)
+    strategy, grid = make(RGDHLA, options, tiers, tiers, 2, lora=LoraSettings(rescale=False))
     assert strategy.global_rank() == 8
     state = global_state(rng, 8, MODULES)
     # the rank-8 node prunes to 7 (HetLoRA's floor(0.99 * 8)); the server accepts and keeps it

@@ -89,7 +89,7 @@ def keep_only(nodes):
 def test_zeropad_sends_truncations_and_averages_zero_padded_factors_with_p_k():
     rng = np.random.default_rng(10)
     state = global_state(rng)
-    strategy = make(ZeroPad, None)
+    strategy = make(ZeroPad, None, rescale=False)
     reply, sent = trained(rng, n_examples=N_EXAMPLES)
     messages, new = train_round(strategy, state, reply)
     for msg in messages:
@@ -136,7 +136,7 @@ def test_rbla_equals_zero_padding_when_every_rank_is_the_same():
 def test_rbla_averages_each_rank_index_over_the_clients_that_hold_it():
     rng = np.random.default_rng(12)
     state = global_state(rng)
-    strategy = make(RBLA, None)
+    strategy = make(RBLA, None, rescale=False)
     n_examples = {1000: 3, 1001: 30, 1002: 300}
     reply, sent = trained(rng, n_examples=n_examples)
     _, new = train_round(strategy, state, reply)
@@ -151,7 +151,7 @@ def test_rbla_averages_each_rank_index_over_the_clients_that_hold_it():
 def test_rbla_keeps_global_values_of_indices_no_reply_holds():
     rng = np.random.default_rng(13)
     state = global_state(rng)
-    strategy = make(RBLA, None)
+    strategy = make(RBLA, None, rescale=False)
     reply, sent = trained(rng, n_examples=N_EXAMPLES, mutate=keep_only({1000, 1001}))
     _, new = train_round(strategy, state, reply)
     assert strategy.stats[1].replied == 2
@@ -191,7 +191,7 @@ def test_helora_pad_zero_filler_with_uniform_ranks_equals_fedit():
 def test_helora_pad_single_client_aggregate_is_its_padded_reply(filler, node):
     rng = np.random.default_rng(15)
     state = global_state(rng)
-    strategy = make(HeLoRAPad, HeLoRAPadOptions(filler=filler))
+    strategy = make(HeLoRAPad, HeLoRAPadOptions(filler=filler), rescale=False)
     reply, sent = trained(rng, n_examples=N_EXAMPLES, mutate=keep_only({node}))
     _, new = train_round(strategy, state, reply)
     assert strategy.stats[1].replied == 1
@@ -220,7 +220,7 @@ def test_helora_pad_single_client_aggregate_is_its_padded_reply(filler, node):
 def test_helora_pad_rank_weighted_sum_of_padded_factors(filler):
     rng = np.random.default_rng(16)
     state = global_state(rng)
-    strategy = make(HeLoRAPad, HeLoRAPadOptions(filler=filler))
+    strategy = make(HeLoRAPad, HeLoRAPadOptions(filler=filler), rescale=False)
     reply, sent = trained(rng, n_examples=N_EXAMPLES)
     _, new = train_round(strategy, state, reply)
     pairs = pairs_of(sent)
@@ -248,7 +248,7 @@ def test_helora_pad_default_is_linear_filler_rank_weighted():
 def test_helora_pad_per_rank_index_equals_explicit_loop():
     rng = np.random.default_rng(17)
     state = global_state(rng)
-    strategy = make(HeLoRAPad, HeLoRAPadOptions(aggregation="per-rank-index"))
+    strategy = make(HeLoRAPad, HeLoRAPadOptions(aggregation="per-rank-index"), rescale=False)
     reply, sent = trained(rng, n_examples=N_EXAMPLES)
     _, new = train_round(strategy, state, reply)
     pairs = pairs_of(sent)

@@ -31,7 +31,7 @@ def test_hetlora_sends_truncations_of_each_budget():
 def test_hetlora_aggregate_is_sparsity_weighted_sum_of_zero_padded_factors():
     rng = np.random.default_rng(1)
     state = global_state(rng)
-    strategy = make(HetLoRA, HetLoRAOptions())
+    strategy = make(HetLoRA, HetLoRAOptions(), rescale=False)
     reply, sent = trained(rng, n_examples={1000: 5, 1001: 50, 1002: 500})
     _, new = train_round(strategy, state, reply)
     nodes = sorted(sent)
@@ -56,7 +56,7 @@ def test_hetlora_per_module_and_uniform_weighting():
     rng = np.random.default_rng(2)
     state = global_state(rng)
     for weighting in ("sparsity-per-module", "uniform"):
-        strategy = make(HetLoRA, HetLoRAOptions(weighting=weighting))
+        strategy = make(HetLoRA, HetLoRAOptions(weighting=weighting), rescale=False)
         reply, sent = trained(rng)
         _, new = train_round(strategy, state, reply)
         pairs = [wire.split_state(sent[n])[0] for n in sorted(sent)]

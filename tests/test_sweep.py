@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import tomllib
 
 import pytest
 
 from hetfed.errors import ConfigError
-from hetfed.sweep import load_sweep, run_sweep, write_variant
+from hetfed.stats import mean_interval, paired_difference
+from hetfed.sweep import (
+    comparison_rows,
+    load_sweep,
+    run_sweep,
+    write_comparison,
+    write_variant,
+)
 from tests.conftest import write_scenario
 
 
@@ -71,3 +80,82 @@ def test_sweep_runs_compares_and_skips_finished_runs(
     out = capsys.readouterr().out
     assert out.count("finished earlier, skipped") == 2
     assert os.path.getmtime(tmp_path / "out" / "hetlora-seed42" / "summary.json") == before
+
+
+def test_mean_interval_and_paired_difference_on_hand_made_numbers():
+    t_975_2 = 4.302652729911275  # Student t quantile, 2 degrees of freedom, 97.5%
+    interval = mean_interval([1.0, 2.0, 3.0])
+    assert (interval.n, interval.mean, interval.sd) == (3, 2.0, 1.0)
+    assert interval.half_width == pytest.approx(t_975_2 / 3**0.5, rel=1e-9)
+    assert interval.low == pytest.approx(2.0 - t_975_2 / 3**0.5, rel=1e-9)
+    assert interval.format(2) == "2.00 ± 2.48"
+    # paired by seed, only the seeds both have: differences 0.1, 0.2, 0.0
+    diff = paired_difference({1: 0.5, 2: 0.7, 3: 0.6}, {1: 0.4, 2: 0.5, 3: 0.6, 4: 0.9})
+    assert diff.n == 3 and diff.mean == pytest.approx(0.1) and diff.sd == pytest.approx(0.1)
+    assert diff.half_width == pytest.approx(t_975_2 * 0.1 / 3**0.5, rel=1e-9)
+    one = mean_interval([0.7])
+    assert one.mean == 0.7 and math.isnan(one.half_width) and one.format() == "0.700"
+    assert mean_interval([]).n == 0
+
+
+def _fake_run(folder, accuracies, losses, mb=1.0):
+    folder.mkdir(parents=True)
+    records = [
+        {"round": t, "accuracy": a, "loss": loss}
+        for t, (a, loss) in enumerate(zip(accuracies, losses, strict=True))
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {
+        "final_accuracy": accuracies[-1],
+        "best_accuracy": max(accuracies),
+        "bytes_down": mb * 1e6,
+        "bytes_up": mb * 1e6,
+        "seconds": 10.0,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_sweep_tables_over_seeds_have_means_intervals_and_paired_differences(tmp_path, tiny_config):
+    write_scenario(tmp_path / "base", tiny_config)
+    (tmp_path / "s.yaml").write_text(
+        "scenario: base\nseeds: [1, 2, 3]\ntarget-accuracy: 0.5\nbaseline: ref\n"
+        "runs: {ref: {strategy: fedit}, new: {strategy: hetlora}}\n"
+    )
+    sweep = load_sweep(tmp_path / "s.yaml")
+    out = tmp_path / "out"
+    ref = {1: [0.1, 0.4, 0.5], 2: [0.1, 0.3, 0.4], 3: [0.1, 0.5, 0.6]}
+    new = {1: [0.1, 0.5, 0.6], 2: [0.1, 0.4, 0.6], 3: [0.1, 0.6, 0.6]}  # +0.1, +0.2, 0.0
+    for seed in (1, 2, 3):
+        _fake_run(out / f"ref-seed{seed}", ref[seed], [2.0, 1.5, 1.0 + seed / 10])
+        _fake_run(out / f"new-seed{seed}", new[seed], [2.0, 1.0, 0.5])
+    rows = comparison_rows(sweep, out)
+    write_comparison(rows, out, sweep)
+    with (out / "comparison.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 6  # per-seed rows stay
+    with (out / "summary.csv").open() as handle:
+        summary = {row["run"]: row for row in csv.DictReader(handle)}
+    t_975_2 = 4.302652729911275
+    assert float(summary["new"]["final_accuracy_mean"]) == pytest.approx(0.6)
+    assert float(summary["ref"]["final_accuracy_mean"]) == pytest.approx(0.5)
+    assert float(summary["ref"]["final_accuracy_sd"]) == pytest.approx(0.1)
+    half = t_975_2 * 0.1 / 3**0.5
+    assert float(summary["ref"]["final_accuracy_high"]) == pytest.approx(0.5 + half, rel=1e-5)
+    diff = "final_accuracy_vs_baseline"
+    assert float(summary["new"][f"{diff}_mean"]) == pytest.approx(0.1)
+    assert float(summary["new"][f"{diff}_low"]) == pytest.approx(0.1 - half, rel=1e-5)
+    assert float(summary["ref"][f"{diff}_sd"]) == 0.0  # the baseline against itself
+    assert float(summary["new"]["final_loss_vs_baseline_mean"]) == pytest.approx(-0.7)
+    # rounds to 0.5: ref reaches it in 2 of 3 seeds (rounds 2 and 1), new in all (1, 2, 1)
+    assert summary["ref"]["reached_target"] == "2" and summary["new"]["reached_target"] == "3"
+    assert float(summary["ref"]["rounds_to_target_mean"]) == pytest.approx(1.5)
+    table = (out / "comparison.md").read_text()
+    assert "| new | hetlora | 3 | 0.600 ± " in table and "0.100 ± 0.248" in table
+    assert (out / "accuracy.png").stat().st_size > 1000 and (out / "loss.png").is_file()
+
+
+def test_a_baseline_that_is_not_a_run_is_refused(tmp_path, tiny_config):
+    write_scenario(tmp_path / "base", tiny_config)
+    (tmp_path / "s.yaml").write_text("scenario: base\nbaseline: nope\nruns: {a: {strategy: fedit}}")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(tmp_path / "s.yaml")
+    assert info.value.key == "baseline"

@@ -1,0 +1,67 @@
+"""Statistics over seeds: means with Student-t confidence intervals, and paired differences.
+
+A method is compared over n seeds; each seed fixes the data partition, the sampled clients and
+the initial adapter, so two runs with the same seed differ only by their method. The interval
+of a mean over n values x_1..x_n is
+
+    mean +- t_{n-1, (1 + c) / 2} * sd / sqrt(n),    sd the sample standard deviation (n - 1),
+
+and a paired difference is the same interval over d_i = x_i - y_i for the seeds both runs
+finished (y the baseline). With one value there is no interval (NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over ``n`` values with its standard deviation and confidence interval."""
+
+    n: int
+    mean: float
+    sd: float  # NaN when n < 2
+    low: float  # NaN when n < 2
+    high: float
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def format(self, digits: int = 3) -> str:
+        """``mean ± half-width`` (just the mean when there is no interval)."""
+        if self.n == 0:
+            return ""
+        if math.isnan(self.half_width):
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"
+
+
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """The mean of ``values`` with its Student-t ``confidence`` interval (see the module)."""
+    x = np.asarray(values, dtype=float)
+    n = x.size
+    if n == 0:
+        return Interval(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if n < 2:
+        return Interval(1, mean, math.nan, math.nan, math.nan)
+    sd = float(x.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+    return Interval(n, mean, sd, mean - half, mean + half)
+
+
+def paired_difference(
+    values: dict[int, float], baseline: dict[int, float], confidence: float = CONFIDENCE
+) -> Interval:
+    """Mean and interval of ``values[seed] - baseline[seed]`` over the seeds both have."""
+    seeds = sorted(set(values) & set(baseline))
+    return mean_interval([values[s] - baseline[s] for s in seeds], confidence)
