@@ -106,6 +106,20 @@ def test_strategy_learns_end_to_end(run_scenario, tiny_config, strategy):
     assert exported_accuracy(results, config) == pytest.approx(rounds[-1]["accuracy"])
 
 
+def test_rslora_scaling_end_to_end(run_scenario, tiny_config):
+    """HetLoRA under rsLoRA's scaling: clients build alpha / sqrt(r) adapters through peft, the
+    exported global adapter says use_rslora and reloads with plain peft to the same accuracy."""
+    config = {**tiny_config, "num-server-rounds": 2, "lora.scaling": "rslora"}
+    proc, results = run_scenario(config)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rounds = read_metrics(results)
+    assert [r["replied"] for r in rounds] == [0, 4, 4] and rounds[-1]["rejected"] == 0
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.1
+    adapter_config = json.loads((results / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["use_rslora"] is True and adapter_config["r"] == 8
+    assert exported_accuracy(results, config) == pytest.approx(rounds[-1]["accuracy"])
+
+
 def test_instruction_task_end_to_end(run_scenario, tiny_config):
     """A causal LM (tiny random LLaMA) instruction-tuned through flwr run: per-client ranks,
     only LoRA factors travel, the answer loss falls, and the exported adapter is plain peft."""
