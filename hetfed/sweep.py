@@ -167,20 +167,7 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-COLUMNS = (
-    "run",
-    "strategy",
-    "seed",
-    "status",
-    "final_accuracy",
-    "best_accuracy",
-    "final_loss",
-    "rounds_to_target",
-    "mb_down",
-    "mb_up",
-    "seconds",
-)
-# Figures summarised over seeds, and those compared with the baseline seed by seed.
+# The figures of a finished run: per seed in comparison.csv, summarised over seeds in summary.csv.
 SUMMARISED = (
     "final_accuracy",
     "best_accuracy",
@@ -190,7 +177,8 @@ SUMMARISED = (
     "mb_up",
     "seconds",
 )
-PAIRED = ("final_accuracy", "best_accuracy", "final_loss")
+COLUMNS = ("run", "strategy", "seed", "status", *SUMMARISED)
+PAIRED = ("final_accuracy", "best_accuracy", "final_loss")  # compared with the baseline by seed
 
 
 def seed_values(rows: list[dict[str, Any]], run: str, metric: str) -> dict[int, float]:
