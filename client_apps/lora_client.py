@@ -14,18 +14,18 @@ import time
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from hetfed import wire
+from hetfed import adapter_state, seeds, wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import RunSettings, parse_run_config
-from hetfed.data import DataConfig, load_partition, load_splits
+from hetfed.data import DataConfig, load_partition, load_splits, require_known_labels
 from hetfed.errors import ConfigError
+from hetfed.faults import fault_injection
 from hetfed.models import cached_model
 from hetfed.profiles import DeviceProfiles, Tier, parse_profiles
-from hetfed.rank_pruning import keep_rank, tail_penalty, tail_score
+from hetfed.rank_pruning import keep_rank, pruned_rank, tail_penalty, tail_score
 from hetfed.training import Encoded, encode_for_task, train_steps
 
 app = ClientApp()
@@ -106,14 +106,8 @@ def server_label_ids(settings: RunSettings, data: DataConfig, labels: list[int])
     """Map label ids of a device's own data to the run's label ids, by label name."""
     run_names = load_splits(settings.data).label_names
     local_names = load_splits(data).label_names
-    unknown = sorted(set(local_names) - set(run_names))
-    if unknown:
-        raise ConfigError(
-            "node-config data-path",
-            data.source,
-            f"data whose labels are among the run's: {', '.join(run_names)} "
-            f"(unknown: {', '.join(map(str, unknown[:5]))})",
-        )
+    what = "data whose labels are among the run's"
+    require_known_labels(local_names, run_names, "node-config data-path", data.source, what)
     to_run = [run_names.index(name) for name in local_names]
     return [to_run[label] for label in labels]
 
@@ -129,8 +123,8 @@ def local_data(settings: RunSettings, node_config: dict) -> Encoded:
     return _encoded_partition(settings, data, partition)
 
 
-def _in_layers(state: dict, layers: list[int] | None) -> dict:
-    return state if layers is None else wire.restrict_to_layers(state, layers)
+def _in_layers(state: dict, layers: tuple[int, ...] | None) -> dict:
+    return state if layers is None else adapter_state.restrict_to_layers(state, layers)
 
 
 def client_id(context: Context) -> int:
@@ -140,57 +134,30 @@ def client_id(context: Context) -> int:
     return int(node_config.get(NODE_CLIENT_ID, node_config.get(PARTITION_ID, context.node_id)))
 
 
-def injected_fault(msg: Message, fault: str, wait_seconds: float) -> Message:
-    """Misbehave as the server asked (``faults.*``, for testing): raise, reply too late, or
-    reply with garbage built from the sent arrays (no training)."""
-    if fault == "raise":
-        raise RuntimeError("injected fault: this client raises")
-    config = msg.content[wire.CONFIG]
-    arrays = wire.trainable(wire.from_record(msg.content[wire.ARRAYS]))
-    if wire.LAYERS in config:
-        arrays = wire.restrict_to_layers(arrays, [int(i) for i in config[wire.LAYERS]])
-    first = sorted(arrays)[0]
-    if fault == "timeout":
-        time.sleep(wait_seconds)
-    elif fault == "nan":
-        arrays[first] = np.full_like(arrays[first], np.nan)
-    elif fault == "shape":
-        arrays[first] = np.concatenate([arrays[first], arrays[first][:1]])
-    elif fault == "missing-key":
-        del arrays[first]
-    metrics = MetricRecord(
-        {wire.NUM_EXAMPLES: 1, wire.TRAIN_LOSS: 0.0, wire.RANK: int(config[wire.RANK])}
-    )
-    return Message(
-        RecordDict({wire.ARRAYS: wire.to_record(arrays), wire.METRICS: metrics}), reply_to=msg
-    )
-
-
 def received_spec(msg: Message, settings: RunSettings) -> LoraSpec:
     """The adapter a train message asks for: its rank, alpha and scaling rule on the run's LoRA
     modules. A scaling the message states but this spec would not give is refused."""
-    config = msg.content[wire.CONFIG]
-    lora = settings.lora
-    rank, alpha = int(config[wire.RANK]), float(config[wire.LORA_ALPHA])
-    rslora = config[wire.LORA_RSLORA]
-    if not isinstance(rslora, bool) or not (rank >= 1 and math.isfinite(alpha) and alpha > 0):
+    instruction = wire.TrainInstruction.from_record(msg.content[wire.CONFIG])
+    rank, alpha = instruction.rank, instruction.lora_alpha
+    if not (rank >= 1 and math.isfinite(alpha) and alpha > 0):
         raise ValueError(
-            f"cannot build a LoRA adapter of rank {rank}, alpha {alpha}, rslora {rslora!r}: "
-            "allowed are rank >= 1, a finite alpha > 0 and rslora true or false"
+            f"cannot build a LoRA adapter of rank {rank}, alpha {alpha}: "
+            "allowed are rank >= 1 and a finite alpha > 0"
         )
-    spec = LoraSpec(rank, alpha, lora.modules(), lora.dropout, rslora)
-    told = float(config[wire.LORA_SCALING])
-    if not math.isclose(spec.scaling, told, rel_tol=1e-9):
+    lora = settings.lora
+    spec = LoraSpec(rank, alpha, lora.modules(), lora.dropout, instruction.lora_rslora)
+    if not math.isclose(spec.scaling, instruction.lora_scaling, rel_tol=1e-9):
         raise ValueError(
-            f"the server reads this adapter at scaling {told}, but rank {rank}, alpha {alpha}, "
-            f"rslora {rslora} give {spec.scaling}"
+            f"the server reads this adapter at scaling {instruction.lora_scaling}, but rank "
+            f"{rank}, alpha {alpha}, rslora {spec.rslora} give {spec.scaling}"
         )
     return spec
 
 
 def local_seed(msg: Message, context: Context) -> int:
-    """The seed of a client's local steps: the round's seed plus the client's stable id."""
-    return int(msg.content[wire.CONFIG][wire.SEED]) + client_id(context) % 1_000_003
+    """The seed of a client's local steps (:func:`hetfed.seeds.local_seed`)."""
+    round_seed = wire.TrainInstruction.from_record(msg.content[wire.CONFIG]).seed
+    return seeds.local_seed(round_seed, client_id(context))
 
 
 @app.query()
@@ -200,32 +167,27 @@ def report_budget(msg: Message, context: Context) -> Message:
         str(msg.content[wire.CONFIG][wire.PROFILES]), "profiles (from server)"
     )
     tier = node_tier(context.node_config, profiles)
-    context.state[wire.BUDGET] = ConfigRecord(
-        {wire.TIER: tier.name, wire.RANK: tier.rank, wire.CLIENT_ID: client_id(context)}
-    )
-    return Message(RecordDict({wire.BUDGET: context.state[wire.BUDGET]}), reply_to=msg)
+    budget = wire.BudgetReply(tier.name, tier.rank, client_id(context)).to_record()
+    context.state[wire.BUDGET] = budget
+    return Message(RecordDict({wire.BUDGET: budget}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[fault_injection])
 def train(msg: Message, context: Context) -> Message:
     """Load the sent adapter at the sent rank, train locally, return the adapter and metrics."""
     started = time.perf_counter()
     settings, _ = parse_run_config(context.run_config, strict=False)
-    config = msg.content[wire.CONFIG]
-    if wire.FAULT in config:
-        return injected_fault(msg, str(config[wire.FAULT]), float(config[wire.FAULT_SECONDS]))
-    rank = int(config[wire.RANK])
-    budget = context.state[wire.BUDGET] if wire.BUDGET in context.state else None
-    if budget is not None and rank > int(budget[wire.RANK]):
-        raise ValueError(f"sent rank {rank} exceeds this node's budget {budget[wire.RANK]}")
+    instruction = wire.TrainInstruction.from_record(msg.content[wire.CONFIG])
+    rank, layers, pruning = instruction.rank, instruction.layers, instruction.pruning
+    if wire.BUDGET in context.state:
+        affordable = wire.BudgetReply.from_record(context.state[wire.BUDGET]).rank
+        if rank > affordable:
+            raise ValueError(f"sent rank {rank} exceeds this node's budget {affordable}")
     received = wire.from_record(msg.content[wire.ARRAYS])
-    arrays = wire.trainable(received)
+    arrays = adapter_state.trainable(received)
     spec = received_spec(msg, settings)
     data = local_data(settings, context.node_config)
     worker = _worker(settings)
-    prune = wire.PRUNE_GAMMA in config
-    layers = [int(i) for i in config[wire.LAYERS]] if wire.LAYERS in config else None
-    frozen = [str(f) for f in config[wire.FROZEN]] if wire.FROZEN in config else []
     with worker.host.lock:
         model = worker.host.set_state(spec, arrays)
         built = worker.host.built_scaling(spec)
@@ -234,37 +196,31 @@ def train(msg: Message, context: Context) -> Message:
                 f"peft built scalings {sorted(built)} for adapter {spec.name}, "
                 f"the server reads it at {spec.scaling}"
             )
-        worker.host.set_base_deltas(wire.base_deltas(received))  # FLoRA's merged base, if any
+        # FLoRA's merged base, if any
+        worker.host.set_base_deltas(adapter_state.base_deltas(received))
         penalty, keep, score_before = None, rank, 0.0
-        if prune:
-            keep = keep_rank(rank, float(config[wire.PRUNE_GAMMA]))
+        if pruning is not None:
+            keep = keep_rank(rank, pruning.gamma)
             score_before = tail_score(_in_layers(arrays, layers), keep)
-            penalty = tail_penalty(model, spec.name, keep, float(config[wire.PRUNE_LAMBDA]))
+            penalty = tail_penalty(model, spec.name, keep, pruning.lam)
         with (
             worker.host.train_only_layers(spec, layers),
-            worker.host.frozen_factors(spec, frozen),
+            worker.host.frozen_factors(spec, instruction.frozen),
         ):
             result = train_steps(
-                model,
-                data,
-                settings.train,
-                penalty=penalty,
-                seed=local_seed(msg, context),
+                model, data, settings.train, penalty=penalty, seed=local_seed(msg, context)
             )
         state = _in_layers(worker.host.get_state(spec), layers)  # only what was trained
-    if prune and tail_score(state, keep) < score_before:
-        rank = max(int(config[wire.PRUNE_MIN_RANK]), keep)
-        state = wire.truncate_state(state, rank)
-    metrics = MetricRecord(
-        {
-            wire.NUM_EXAMPLES: len(data),
-            wire.TRAIN_LOSS: result.loss,
-            wire.RANK: rank,
-            wire.SECONDS: time.perf_counter() - started,
-            wire.BYTES_DOWN: wire.nbytes(received),
-            wire.BYTES_UP: wire.nbytes(state),
-        }
+    if pruning is not None and tail_score(state, keep) < score_before:
+        rank = pruned_rank(rank, pruning.gamma, pruning.min_rank)
+        state = adapter_state.truncate_state(state, rank)
+    reply = wire.TrainReply(
+        num_examples=len(data),
+        train_loss=result.loss,
+        rank=rank,
+        seconds=time.perf_counter() - started,
+        bytes_down=wire.nbytes(received),
+        bytes_up=wire.nbytes(state),
     )
-    return Message(
-        RecordDict({wire.ARRAYS: wire.to_record(state), wire.METRICS: metrics}), reply_to=msg
-    )
+    content = RecordDict({wire.ARRAYS: wire.to_record(state), wire.METRICS: reply.to_record()})
+    return Message(content, reply_to=msg)

@@ -26,7 +26,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from hetfed import wire
+from hetfed.adapter_state import LORA_A, LORA_B, layer_of
 from hetfed.scaling import lora_scaling
 
 HEAD_MODULES = ("classifier",)
@@ -162,14 +162,15 @@ class AdapterHost:
     def train_only_layers(self, spec: LoraSpec, layers: Iterable[int] | None) -> Iterator[None]:
         """Freeze the LoRA modules of ``spec``'s adapter outside ``layers`` (all if None).
 
-        A module belongs to the block whose index matches exactly (:func:`hetfed.wire.layer_of`).
-        The frozen modules still act in the forward pass with the values the client received.
+        A module belongs to the block whose index matches exactly
+        (:func:`hetfed.adapter_state.layer_of`). The frozen modules still act in the forward pass
+        with the values the client received.
         """
         outside = []
         if layers is not None:
             keep = set(layers)
-            outside = [m for name, m in self._lora_modules(spec) if wire.layer_of(name) not in keep]
-        with _frozen(_factor_parameters(spec, outside, (wire.LORA_A, wire.LORA_B))):
+            outside = [m for name, m in self._lora_modules(spec) if layer_of(name) not in keep]
+        with _frozen(_factor_parameters(spec, outside, (LORA_A, LORA_B))):
             yield
 
     @contextmanager
@@ -178,11 +179,9 @@ class AdapterHost:
         adapter fixed while training: they act in the forward pass but get no update, so they
         come back bit for bit as they were loaded (FFA-LoRA's frozen A)."""
         factors = list(factors)
-        unknown = sorted(set(factors) - {wire.LORA_A, wire.LORA_B})
+        unknown = sorted(set(factors) - {LORA_A, LORA_B})
         if unknown:
-            raise ValueError(
-                f"cannot freeze LoRA factors {unknown}; allowed: {wire.LORA_A}, {wire.LORA_B}"
-            )
+            raise ValueError(f"cannot freeze LoRA factors {unknown}; allowed: {LORA_A}, {LORA_B}")
         modules = [module for _, module in self._lora_modules(spec)] if factors else []
         with _frozen(_factor_parameters(spec, modules, factors)):
             yield
@@ -202,7 +201,7 @@ class AdapterHost:
         return [
             (name, module)
             for name, module in self.peft_model.named_modules()
-            if spec.name in getattr(module, wire.LORA_A, {})
+            if spec.name in getattr(module, LORA_A, {})
         ]
 
     def set_base_deltas(self, deltas: dict[str, np.ndarray]) -> None:
@@ -256,10 +255,16 @@ class AdapterHost:
         folder: str | Path,
         extra: dict | None = None,
     ) -> Path:
-        """Write ``state`` as a standard PEFT folder that ``PeftModel.from_pretrained`` loads."""
+        """Write ``state`` as a standard PEFT folder that ``PeftModel.from_pretrained`` loads.
+
+        It needs no earlier use of the host: a resumed run exports straight from a checkpoint.
+        """
         folder = Path(folder)
         with self.lock:
             model = self.set_state(spec, state)
+            # The folder's adapter is relative to the pristine base: leave the host holding
+            # exactly the exported model (set_state activated it, so on a fresh host too).
+            self.set_base_deltas({})
             with tempfile.TemporaryDirectory() as tmp:
                 model.save_pretrained(
                     tmp, selected_adapters=[spec.name], save_embedding_layers=False

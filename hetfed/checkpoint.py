@@ -3,8 +3,9 @@
 One file, ``<results-dir>/checkpoint.npz``, holds the global arrays (keys ``state/<name>``) and
 one JSON document (key ``meta``): the round, the strategy's name and its
 :meth:`~strategies.base.LoRAStrategy.state_dict`, the per-round records so far, the seconds
-spent and the run config. It is written to a temporary file and renamed over the previous one,
-so a run killed at any moment leaves the last complete checkpoint behind.
+spent, the run config and the tier of every client that reported a budget. It is written to a
+temporary file and renamed over the previous one, so a run killed at any moment leaves the last
+complete checkpoint behind.
 
 There is no RNG state to save: every draw (sampling, faults, layer draws, fresh LoRA factors,
 client training) is seeded by (seed, round, attempt, client id), so a resumed run makes the
@@ -16,14 +17,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hetfed.adapter_state import State
 from hetfed.errors import ConfigError
-from hetfed.wire import State
 
 CHECKPOINT_FILE = "checkpoint.npz"
 _STATE_PREFIX = "state/"
@@ -40,6 +41,9 @@ class Checkpoint:
     records: list[dict[str, Any]]  # metrics.jsonl lines up to that round
     seconds: float  # time the run has spent so far
     run_config: dict[str, Any]
+    # client id -> tier of every client that reported a budget so far (for summary.json; a
+    # resumed run asks the nodes again before it trains)
+    node_budgets: dict[str, str] = field(default_factory=dict)
 
 
 def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
@@ -54,6 +58,7 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
         "records": checkpoint.records,
         "seconds": checkpoint.seconds,
         "run_config": checkpoint.run_config,
+        "node_budgets": checkpoint.node_budgets,
     }
     arrays = {_STATE_PREFIX + key: value for key, value in checkpoint.state.items()}
     with tmp.open("wb") as handle:
@@ -84,6 +89,7 @@ def load_checkpoint(folder: str | Path) -> Checkpoint | None:
         records=meta["records"],
         seconds=float(meta["seconds"]),
         run_config=meta["run_config"],
+        node_budgets=meta.get("node_budgets", {}),  # absent in checkpoints of older versions
     )
 
 

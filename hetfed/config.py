@@ -139,6 +139,8 @@ class RunSettings:
             raise ConfigError("max-retries", self.max_retries, "an integer >= 0")
         if self.max_update_norm < 0:
             raise ConfigError("max-update-norm", self.max_update_norm, "a number >= 0 (0: off)")
+        if self.seed < 0:
+            raise ConfigError("seed", self.seed, "an integer >= 0")
         if self.resume == "":
             raise ConfigError("resume", self.resume, "true, false or a results folder")
 
@@ -147,6 +149,15 @@ def config_key(prefix: str, field_name: str) -> str:
     """Run-config key of a dataclass field: ``train`` + ``local_steps`` -> ``train.local-steps``."""
     name = field_name.replace("_", "-")
     return f"{prefix}.{name}" if prefix else name
+
+
+def setting(settings: Any, key: str) -> Any:
+    """The value of a run-config ``key`` in parsed settings: ``lora.rescale`` is
+    ``settings.lora.rescale``."""
+    value = settings
+    for part in key.split("."):
+        value = getattr(value, part.replace("-", "_"))
+    return value
 
 
 def _type_name(tp: Any) -> str:

@@ -27,7 +27,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -521,17 +521,19 @@ def _encode_labels(raw: _Raw) -> tuple[list[str], np.ndarray, np.ndarray | None]
     return names, encode(raw.labels), test
 
 
+def require_known_labels(labels: Iterable[Any], known: list[str], key: str, value: Any, what: str):
+    """Raise a ConfigError naming ``key`` and ``value`` unless every label is ``known``."""
+    unknown = sorted({str(label) for label in labels} - set(known))
+    if unknown:
+        allowed = f"{what}: {', '.join(known[:20])} (unknown: {', '.join(unknown[:5])})"
+        raise ConfigError(key, value, allowed)
+
+
 def _renamed(names: list[str], cfg: DataConfig) -> list[str]:
     """The label names after ``data.label-names``; every label it names must exist."""
     renames = cfg.renamed_labels()
-    unknown = sorted(set(renames) - set(names))
-    if unknown:
-        raise ConfigError(
-            "data.label-names",
-            cfg.label_names,
-            f"pairs whose values are labels of {cfg.source}: {', '.join(names[:20])} "
-            f"(unknown: {', '.join(unknown)})",
-        )
+    what = f"pairs whose values are labels of {cfg.source}"
+    require_known_labels(renames, names, "data.label-names", cfg.label_names, what)
     renamed = [renames.get(name, name) for name in names]
     if len(set(renamed)) < len(renamed):
         raise ConfigError("data.label-names", cfg.label_names, "names that stay distinct")

@@ -104,6 +104,15 @@ def _check_rank(rank: int, low: int, high: int, what: str) -> int:
     return rank
 
 
+def _check_grown_rank(rank: int, least: int, what: str) -> int:
+    """``rank`` as an int, at least ``least`` (``what`` names that bound in the error)."""
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer):
+        raise ValueError(f"rank must be an integer; got {rank!r} ({type(rank).__name__})")
+    if rank < least:
+        raise ValueError(f"rank {rank} is smaller than {what}, {least}; allowed: rank >= {least}")
+    return int(rank)
+
+
 def _check_weights(weights: Sequence[float], count: int | None = None) -> np.ndarray:
     """Weights as a float64 vector: non-empty, finite, non-negative, with a positive sum."""
     try:
@@ -199,14 +208,7 @@ def pad(
     if filler not in FILLERS:
         raise ValueError(f"unknown filler {filler!r}; allowed: {', '.join(FILLERS)}")
     r = b.shape[1]
-    if isinstance(rank, bool) or not isinstance(rank, int | np.integer):
-        raise ValueError(f"rank must be an integer; got {rank!r} ({type(rank).__name__})")
-    if rank < r:
-        raise ValueError(
-            f"rank {rank} is smaller than the current rank {r}; pad only grows "
-            f"(allowed: rank >= {r}; use truncate to shrink)"
-        )
-    rank = int(rank)
+    rank = _check_grown_rank(rank, r, "the current rank (pad only grows; truncate shrinks)")
     extra = rank - r
     b_dtype, a_dtype = _out_dtype(b), _out_dtype(a)
     d_out, d_in = b.shape[0], a.shape[1]
@@ -436,15 +438,7 @@ def average_per_rank_index(
     bs, as_, w = _check_clients(bs, as_, weights)
     dtype = _out_dtype(*bs, *as_)
     ranks = np.array([b.shape[1] for b in bs])
-    max_rank = int(ranks.max())
-    if isinstance(rank, bool) or not isinstance(rank, int | np.integer):
-        raise ValueError(f"rank must be an integer; got {rank!r} ({type(rank).__name__})")
-    if rank < max_rank:
-        raise ValueError(
-            f"rank {rank} is smaller than the largest client rank {max_rank}; "
-            f"allowed: rank >= {max_rank}"
-        )
-    rank = int(rank)
+    rank = _check_grown_rank(rank, int(ranks.max()), "the largest client rank")
     d_out, d_in = bs[0].shape[0], as_[0].shape[1]
     num_b = np.zeros((d_out, rank))
     num_a = np.zeros((rank, d_in))

@@ -1,9 +1,10 @@
-"""HetLoRA's local rank self-pruning, the client-side half of the method.
+"""HetLoRA's local rank self-pruning: the rule both sides share, and the client's penalty.
 
 Cho et al., arXiv 2401.06432, Sec. 3: the local loss gets a penalty on the tail of each module,
 lambda * ||B[:, q:r]||_F * ||A[q:r, :]||_F with q = floor(gamma * r). The client records the
 tail score (summed over modules) when the modules arrive and after training; if it decreased,
-the tail is dropping out of use and the client prunes to rank max(r_min, q).
+the tail is dropping out of use and the client prunes to rank :func:`pruned_rank`, which the
+server also uses to know which reply ranks to accept.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from hetfed import lora_algebra as la
-from hetfed import wire
+from hetfed.adapter_state import split_state
 
 
 def keep_rank(rank: int, gamma: float) -> int:
@@ -24,9 +25,14 @@ def keep_rank(rank: int, gamma: float) -> int:
     return math.floor(gamma * rank)
 
 
+def pruned_rank(rank: int, gamma: float, min_rank: int) -> int:
+    """The rank a client prunes to: r <- max(r_min, floor(gamma * r))."""
+    return max(min_rank, keep_rank(rank, gamma))
+
+
 def tail_score(state: Mapping[str, np.ndarray], keep: int) -> float:
     """sum over modules of ||B[:, keep:]||_F * ||A[keep:, :]||_F."""
-    pairs, _ = wire.split_state(state)
+    pairs, _ = split_state(state)
     return float(sum(la.tail_norm_product(b, a, keep) for b, a in pairs.values()))
 
 

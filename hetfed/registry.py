@@ -104,3 +104,17 @@ def describe_strategies() -> list[StrategyInfo]:
         except PluginError as err:  # listed with its error so one bad plugin hides no other
             rows.append(StrategyInfo(name, target, package, "", error=str(err)))
     return rows
+
+
+def strategies_table() -> str:
+    """``hetfed strategies``: name, class, package and description of every registered
+    strategy, a broken plugin with the reason it cannot be used."""
+    table = [("name", "class", "package", "description")] + [
+        (r.name, r.target, r.package, f"BROKEN PLUGIN: {r.error}" if r.error else r.description)
+        for r in describe_strategies()
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(3)]
+    return "\n".join(
+        "  ".join([*(c.ljust(w) for c, w in zip(cells, widths, strict=True)), text])
+        for *cells, text in table
+    )

@@ -1,12 +1,40 @@
-"""Results a user can read and plot: metrics.jsonl per round, summary.json, accuracy.png."""
+"""Results a user can read and plot: metrics.jsonl per round, summary.json, accuracy.png.
+
+Comparing runs (``hetfed table``, sweeps) is :mod:`tooling.sweep`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+@dataclass
+class RoundStats:
+    """What a strategy counts in one round (over all its attempts); ``metrics.jsonl`` gets it."""
+
+    sampled: int = 0  # messages sent
+    replied: int = 0  # valid replies
+    failed: int = 0  # sampled - replied: errors, timeouts and rejected replies
+    rejected: int = 0  # replies that arrived but failed validation
+    attempts: int = 0
+    skipped: bool = False  # every attempt had fewer than min-train-replies valid replies
+    bytes_down: int = 0
+    bytes_up: int = 0
+    train_loss: float | None = None
+    ranks: dict[str, int] = field(default_factory=dict)  # client id -> rank sent (not written)
+    # wall time from the start of configure_train to the end of aggregate_train, all attempts
+    train_seconds: float = 0.0
+
+    def record(self, server_round: int, accuracy: float, loss: float, seconds: float):
+        """The ``metrics.jsonl`` line of this round, with its central evaluation."""
+        counters = {k: v for k, v in asdict(self).items() if k != "ranks"}
+        return RoundRecord(
+            round=server_round, accuracy=accuracy, loss=loss, seconds=seconds, **counters
+        )
 
 
 @dataclass(frozen=True)
@@ -83,25 +111,3 @@ def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
     """The per-round records of a results folder."""
     lines = (Path(folder) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
-
-
-def summary_table(folders: list[str | Path]) -> str:
-    """A Markdown table comparing finished runs (one row per results folder)."""
-    rows = [
-        "| run | strategy | final acc. | best acc. | MB down | MB up | seconds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for folder in folders:
-        path = Path(folder) / "summary.json"
-        if not path.is_file():
-            rows.append(
-                f"| {Path(folder).name} | (no summary.json: failed or unfinished) | | | | | |"
-            )
-            continue
-        s = json.loads(path.read_text(encoding="utf-8"))
-        rows.append(
-            f"| {Path(folder).name} | {s['strategy'].split(':')[0]} | {s['final_accuracy']:.4f} "
-            f"| {s['best_accuracy']:.4f} | {s['bytes_down'] / 1e6:.1f} | {s['bytes_up'] / 1e6:.1f}"
-            f" | {s['seconds']:.0f} |"
-        )
-    return "\n".join(rows)

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetfed.checkpoint import Checkpoint, check_resumable, load_checkpoint, resume_folder
+from hetfed.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    check_resumable,
+    load_checkpoint,
+    resume_folder,
+)
 from hetfed.config import RunSettings, Scalar, parse_run_config
 from hetfed.data import load_splits, resolve_source
 from hetfed.errors import ConfigError
@@ -21,7 +27,6 @@ from hetfed.instructions import prompt_layout
 from hetfed.models import INSTRUCTION, load_model_config, load_tokenizer, max_lora_rank
 from hetfed.profiles import DeviceProfiles, load_profiles
 from hetfed.registry import load_strategy
-from strategies.base import NodeBudget
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,13 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
     checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
         check_resumable(checkpoint, run_config, resume_from)
+        if settings.num_server_rounds < checkpoint.server_round:
+            raise ConfigError(
+                "num-server-rounds",
+                settings.num_server_rounds,
+                f"an integer >= {checkpoint.server_round}, the rounds the checkpoint already holds",
+                str(resume_from / CHECKPOINT_FILE),
+            )
     plan = RunPlan(
         settings, options, strategy_class, profiles, limit, num_layers, resume_from, checkpoint
     )
@@ -106,8 +118,7 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
 def check_affordable_ranks(strategy: Any, profiles: DeviceProfiles, key: str) -> None:
     """Every tier is sent a rank within its budget (a device refuses a larger one)."""
     for client_id, tier in enumerate(profiles.tiers.values()):  # one stand-in client per tier
-        strategy.budgets[client_id] = NodeBudget(tier.name, tier.rank)
-        rank = strategy.client_rank(client_id)
+        rank = strategy.rank_policy.client_rank(client_id, tier.rank)
         if rank > tier.rank:
             raise ConfigError(
                 key,

@@ -25,8 +25,11 @@ The scaling rules (``lora.scaling``), each a choice of the alpha a rank-r adapte
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
+
+from hetfed.adapter_state import map_lora
 
 SCALING_RULES = ("standard", "rslora", "fixed")
 
@@ -48,3 +51,8 @@ def rescale_b(b: np.ndarray, a: np.ndarray, factor: float) -> tuple[np.ndarray, 
     if factor == 1.0:
         return b, a
     return (b * factor).astype(b.dtype, copy=False), a
+
+
+def rescale_state(state: Mapping[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:
+    """Every LoRA module's B times ``factor`` (its product ``factor`` times larger)."""
+    return map_lora(state, lambda b, a: rescale_b(b, a, factor))

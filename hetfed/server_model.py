@@ -22,7 +22,6 @@ class ServerModel:
     host: AdapterHost
     test: Encoded
     public: Encoded | None  # the server split (``data.server-examples``), if any
-    label_names: list[str]
 
     def load(
         self,

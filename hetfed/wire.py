@@ -1,21 +1,27 @@
-"""Wire format: how adapters and their metadata travel between ServerApp and ClientApp.
+"""The wire: what travels between the ServerApp and the ClientApp, and how it is laid out.
 
-An adapter travels as an ``ArrayRecord`` under ``"arrays"`` whose keys are peft's state-dict
-names: ``<module>.lora_A.weight`` (r x d_in), ``<module>.lora_B.weight`` (d_out x r) for every
-LoRA module, and the head's tensors (``...classifier.weight``/``bias``). Instructions travel in a
-``ConfigRecord`` under ``"config"`` (the keys below); a training reply carries a ``MetricRecord``
-under ``"metrics"`` that states the rank the client actually returns.
+A message's content is a ``RecordDict``:
+
+- a budget query (server -> client, ``QUERY``): the device profiles under ``"config"``;
+  the reply: a :class:`BudgetReply` under ``"budget"``;
+- a train message (``TRAIN``): the adapter arrays under ``"arrays"`` (an ``ArrayRecord`` named by
+  peft's state-dict keys, :mod:`hetfed.adapter_state`) and a :class:`TrainInstruction` under
+  ``"config"``; the reply: the trained arrays under ``"arrays"`` and a :class:`TrainReply` under
+  ``"metrics"``.
+
+Each record type is a small dataclass with ``to_record``/``from_record``, used on both sides, so
+the layout is written once. ``from_record`` reads untrusted input: anything malformed is a
+``ValueError`` naming the key.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
-
-from hetfed import lora_algebra
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -29,134 +35,167 @@ LORA_ALPHA = "lora-alpha"
 LORA_RSLORA = "lora-rslora"  # peft's use_rslora: scaling alpha / sqrt(rank) instead of alpha / rank
 LORA_SCALING = "lora-scaling"  # the scaling s_k the server reads the client's product at
 SEED = "seed"
-PROFILES = "profiles"
+PROFILES = "profiles"  # of the budget query
 PRUNE_GAMMA = "prune-gamma"
 PRUNE_LAMBDA = "prune-lambda"
 PRUNE_MIN_RANK = "prune-min-rank"
 LAYERS = "layers"  # the transformer blocks whose LoRA modules the client trains (all if absent)
-# LoRA factors (LORA_A, LORA_B) the client keeps fixed while it trains (none if absent); it still
+# LoRA factors (lora_A, lora_B) the client keeps fixed while it trains (none if absent); it still
 # returns them, unchanged. The FFA-LoRA example plugin (examples/) freezes A this way.
 FROZEN = "frozen"
-FAULT = "fault"  # failure injection (faults.*): how this client misbehaves this round
+FAULT = "fault"  # failure injection (hetfed.faults): how this client misbehaves this round
 FAULT_SECONDS = "fault-seconds"  # how long a "timeout" fault waits before replying
 
-# Keys of the reply metrics (client -> server).
+# Keys of the reply metrics (client -> server) and of the budget reply.
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 SECONDS = "seconds"
 BYTES_DOWN = "bytes-down"
 BYTES_UP = "bytes-up"
 TIER = "tier"
-CLIENT_ID = "client-id"  # budget reply: a number naming the client across runs (its partition)
-
-LORA_A = "lora_A"  # peft's names of the two factors, as FROZEN lists them
-LORA_B = "lora_B"
-_A_SUFFIX = f".{LORA_A}.weight"
-_B_SUFFIX = f".{LORA_B}.weight"
-# A dense change of a frozen base weight (d_out x d_in) that the client adds to the base layer
-# before training: FLoRA merges stacked updates into the base model this way.
-BASE_DELTA_SUFFIX = ".base_layer.delta"
-
-State = dict[str, np.ndarray]
-LoraPairs = dict[str, tuple[np.ndarray, np.ndarray]]  # module -> (B, A)
+CLIENT_ID = "client-id"  # a number naming the client across runs (its partition)
 
 
-def split_state(state: Mapping[str, np.ndarray]) -> tuple[LoraPairs, State]:
-    """Separate LoRA factor pairs (by module name) from the head's arrays.
-
-    Base-weight deltas (:func:`base_deltas`) belong to neither and are left out.
-    """
-    pairs: LoraPairs = {}
-    head: State = {}
-    for key, value in state.items():
-        if key.endswith(_A_SUFFIX):
-            module = key[: -len(_A_SUFFIX)]
-            pairs[module] = (state[module + _B_SUFFIX], value)
-        elif not key.endswith((_B_SUFFIX, BASE_DELTA_SUFFIX)):
-            head[key] = value
-    return pairs, head
+def _get(record: Mapping[str, Any], key: str, kind: type) -> Any:
+    """``record[key]`` as ``kind`` (int: a true integer, not a bool; float: any real number)."""
+    if key not in record:
+        raise ValueError(f"missing {key!r}")
+    value = record[key]
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{key!r} is {value!r}, expected {kind.__name__}")
+    return value
 
 
-def base_deltas(state: Mapping[str, np.ndarray]) -> State:
-    """Dense base-weight deltas by module name (empty for every method but merging ones)."""
-    return {
-        key[: -len(BASE_DELTA_SUFFIX)]: value
-        for key, value in state.items()
-        if key.endswith(BASE_DELTA_SUFFIX)
-    }
+@dataclass(frozen=True)
+class Pruning:
+    """HetLoRA's self-pruning instruction: train with the rank-tail penalty lambda and prune to
+    ``hetfed.rank_pruning.pruned_rank(rank, gamma, min_rank)`` when the tail shrank."""
+
+    gamma: float
+    lam: float
+    min_rank: int
 
 
-def with_base_deltas(state: Mapping[str, np.ndarray], deltas: Mapping[str, np.ndarray]) -> State:
-    """``state`` plus the given base-weight deltas (by module name)."""
-    return {**state, **{module + BASE_DELTA_SUFFIX: d for module, d in deltas.items()}}
+@dataclass(frozen=True)
+class TrainInstruction:
+    """What a client is told to train (the arrays travel beside it)."""
+
+    server_round: int
+    rank: int
+    lora_alpha: float
+    lora_rslora: bool
+    lora_scaling: float  # s_k, the scaling the server reads the reply's product at
+    seed: int  # the round's seed; the client adds its id (hetfed.seeds.local_seed)
+    layers: tuple[int, ...] | None = None  # None: every block
+    frozen: tuple[str, ...] = ()
+    pruning: Pruning | None = None
+    fault: str | None = None  # hetfed.faults: misbehave on purpose (tests and experiments)
+    fault_seconds: float = 0.0
+
+    def to_record(self) -> ConfigRecord:
+        record: dict[str, Any] = {
+            SERVER_ROUND: self.server_round,
+            RANK: self.rank,
+            LORA_ALPHA: float(self.lora_alpha),
+            LORA_RSLORA: self.lora_rslora,
+            LORA_SCALING: float(self.lora_scaling),
+            SEED: self.seed,
+        }
+        if self.layers is not None:
+            record[LAYERS] = sorted(self.layers)
+        if self.frozen:
+            record[FROZEN] = list(self.frozen)
+        if self.pruning is not None:
+            record |= {
+                PRUNE_GAMMA: self.pruning.gamma,
+                PRUNE_LAMBDA: self.pruning.lam,
+                PRUNE_MIN_RANK: self.pruning.min_rank,
+            }
+        if self.fault is not None:
+            record |= {FAULT: self.fault, FAULT_SECONDS: self.fault_seconds}
+        return ConfigRecord(record)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> TrainInstruction:
+        pruning = None
+        if PRUNE_GAMMA in record:
+            pruning = Pruning(
+                _get(record, PRUNE_GAMMA, float),
+                _get(record, PRUNE_LAMBDA, float),
+                _get(record, PRUNE_MIN_RANK, int),
+            )
+        return cls(
+            server_round=_get(record, SERVER_ROUND, int),
+            rank=_get(record, RANK, int),
+            lora_alpha=_get(record, LORA_ALPHA, float),
+            lora_rslora=_get(record, LORA_RSLORA, bool),
+            lora_scaling=_get(record, LORA_SCALING, float),
+            seed=_get(record, SEED, int),
+            layers=tuple(int(i) for i in record[LAYERS]) if LAYERS in record else None,
+            frozen=tuple(str(f) for f in record[FROZEN]) if FROZEN in record else (),
+            pruning=pruning,
+            fault=str(record[FAULT]) if FAULT in record else None,
+            fault_seconds=_get(record, FAULT_SECONDS, float) if FAULT in record else 0.0,
+        )
 
 
-def trainable(state: Mapping[str, np.ndarray]) -> State:
-    """What a client trains and returns: everything but base-weight deltas."""
-    return {k: v for k, v in state.items() if not k.endswith(BASE_DELTA_SUFFIX)}
+@dataclass(frozen=True)
+class TrainReply:
+    """The metrics of a training reply; ``rank`` is the rank the client actually returns."""
+
+    num_examples: int
+    train_loss: float
+    rank: int
+    seconds: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+    def to_record(self) -> MetricRecord:
+        return MetricRecord(
+            {
+                NUM_EXAMPLES: self.num_examples,
+                TRAIN_LOSS: float(self.train_loss),
+                RANK: self.rank,
+                SECONDS: float(self.seconds),
+                BYTES_DOWN: self.bytes_down,
+                BYTES_UP: self.bytes_up,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> TrainReply:
+        """The reply's figures; the three the server needs must be there and be numbers."""
+        try:
+            return cls(
+                num_examples=int(record[NUM_EXAMPLES]),
+                train_loss=float(record[TRAIN_LOSS]),
+                rank=int(record[RANK]),
+                seconds=float(record.get(SECONDS, 0.0)),
+                bytes_down=int(record.get(BYTES_DOWN, 0)),
+                bytes_up=int(record.get(BYTES_UP, 0)),
+            )
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise ValueError(f"missing or malformed {err}") from err
 
 
-def join_state(pairs: LoraPairs, head: Mapping[str, np.ndarray]) -> State:
-    """Inverse of :func:`split_state`."""
-    state: State = {}
-    for module, (b, a) in pairs.items():
-        state[module + _A_SUFFIX] = a
-        state[module + _B_SUFFIX] = b
-    state.update(head)
-    return state
+@dataclass(frozen=True)
+class BudgetReply:
+    """A node's answer to the budget query: its tier, the rank it affords and its client id."""
 
+    tier: str
+    rank: int
+    client_id: int
 
-def map_lora(
-    state: Mapping[str, np.ndarray],
-    fn: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
-) -> State:
-    """Apply ``fn(B, A) -> (B', A')`` to every LoRA module; everything else is kept as it is."""
-    pairs, _ = split_state(state)
-    rest = {k: v for k, v in state.items() if not k.endswith((_A_SUFFIX, _B_SUFFIX))}
-    return join_state({module: fn(b, a) for module, (b, a) in pairs.items()}, rest)
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({TIER: self.tier, RANK: self.rank, CLIENT_ID: self.client_id})
 
-
-def truncate_state(state: Mapping[str, np.ndarray], rank: int) -> State:
-    """Every LoRA module cut to its first ``rank`` components (HetLoRA's distribution)."""
-    return map_lora(state, lambda b, a: lora_algebra.truncate(b, a, rank))
-
-
-def state_rank(state: Mapping[str, np.ndarray]) -> int:
-    """The rank of an adapter's LoRA modules (they all share one rank)."""
-    ranks = {a.shape[0] for _, a in split_state(state)[0].values()}
-    if len(ranks) != 1:
-        raise ValueError(f"adapter modules have different ranks: {sorted(ranks)}")
-    return ranks.pop()
-
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)\.")
-
-
-def layer_of(module: str) -> int | None:
-    """The transformer block a module belongs to, matched by its exact index.
-
-    ``...encoder.layer.1.attention.self.query`` is block 1, never 10 or 11 (the Fed-HeLLo code
-    matched digit substrings; hetfed matches ``layer.{i}.`` exactly). Modules outside the
-    blocks (e.g. the head) have no layer.
-    """
-    match = _LAYER_INDEX.search(module + ".")
-    return int(match.group(1)) if match else None
-
-
-def restrict_to_layers(state: Mapping[str, np.ndarray], layers: Iterable[int]) -> State:
-    """The LoRA modules of ``state`` inside ``layers``, plus everything that is not LoRA."""
-    keep = set(layers)
-    pairs, _ = split_state(state)
-    dropped = {m for m in pairs if layer_of(m) not in keep}
-    return {
-        k: v
-        for k, v in state.items()
-        if not k.endswith((_A_SUFFIX, _B_SUFFIX)) or _module(k) not in dropped
-    }
-
-
-def _module(key: str) -> str:
-    return key[: -len(_A_SUFFIX)] if key.endswith(_A_SUFFIX) else key[: -len(_B_SUFFIX)]
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> BudgetReply:
+        if TIER not in record:
+            raise ValueError(f"malformed budget reply (missing {TIER!r})")
+        return cls(str(record[TIER]), _get(record, RANK, int), _get(record, CLIENT_ID, int))
 
 
 def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -164,7 +203,7 @@ def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({key: Array(np.asarray(value, order="C")) for key, value in state.items()})
 
 
-def from_record(record: ArrayRecord) -> State:
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {key: array.numpy() for key, array in record.items()}
 
 
@@ -172,41 +211,11 @@ def nbytes(state: Mapping[str, np.ndarray]) -> int:
     return int(sum(value.nbytes for value in state.values()))
 
 
-def reply_problem(
-    reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], rank: int
-) -> str | None:
-    """Why a client's arrays cannot be aggregated, or None when they can.
-
-    The reply must have exactly the keys that were sent, LoRA factors of the claimed ``rank``
-    with the sent outer dimensions, head arrays of the sent shapes, float dtypes and finite values.
-    """
-    missing = sorted(set(sent) - set(reply))
-    if missing:
-        return f"missing arrays {missing[:3]}"
-    extra = sorted(set(reply) - set(sent))
-    if extra:
-        return f"unexpected arrays {extra[:3]}"
-    for key, value in reply.items():
-        ref = sent[key]
-        if key.endswith(_A_SUFFIX):
-            expected = (rank, ref.shape[1])
-        elif key.endswith(_B_SUFFIX):
-            expected = (ref.shape[0], rank)
-        else:
-            expected = ref.shape
-        if value.shape != tuple(expected):
-            return f"{key} has shape {value.shape}, expected {tuple(expected)}"
-        if not np.issubdtype(value.dtype, np.floating):
-            return f"{key} has dtype {value.dtype}, expected a float dtype"
-        if not np.all(np.isfinite(value)):
-            return f"{key} has non-finite values"
-    return None
+def train_content(state: Mapping[str, np.ndarray], instruction: TrainInstruction) -> RecordDict:
+    """A train message's content: the adapter arrays and the instruction."""
+    return RecordDict({ARRAYS: to_record(state), CONFIG: instruction.to_record()})
 
 
-def update_norm(reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
-    """||reply - sent||_F over every array, the sent factors cut to the reply's (pruned) rank."""
-    total = 0.0
-    for key, value in reply.items():
-        ref = sent[key][tuple(slice(0, n) for n in value.shape)]
-        total += float(np.sum((value.astype(np.float64) - ref) ** 2))
-    return float(np.sqrt(total))
+def reply_content(state: Mapping[str, np.ndarray], reply: TrainReply) -> RecordDict:
+    """A training reply's content: the trained arrays and the metrics."""
+    return RecordDict({ARRAYS: to_record(state), METRICS: reply.to_record()})

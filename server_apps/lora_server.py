@@ -4,13 +4,14 @@ Before any training it validates the whole run (:func:`hetfed.run_plan.plan_run`
 checkpoint to resume from). Each round the global adapter is evaluated centrally on the held-out
 test split, a line is appended to ``<results-dir>/metrics.jsonl`` and ``checkpoint.npz`` is
 replaced (:mod:`hetfed.checkpoint`). At the end it writes ``summary.json``, ``accuracy.png`` and
-the global adapter as a standard PEFT folder ``adapter/``.
+the global adapter as a standard PEFT folder ``adapter/``; a resumed run whose checkpoint
+already holds the last round writes them again from it without training.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -19,18 +20,18 @@ from flwr.common.config import get_project_dir
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from hetfed import adapter_state, wire
 from hetfed import lora_algebra as la
-from hetfed import wire
+from hetfed.adapter_state import State
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.checkpoint import Checkpoint, save_checkpoint
 from hetfed.data import load_splits
 from hetfed.models import build_model, compute_device
-from hetfed.results import ResultsWriter, RoundRecord
-from hetfed.run_plan import plan_run
+from hetfed.results import ResultsWriter, RoundRecord, RoundStats
+from hetfed.run_plan import RunPlan, plan_run
 from hetfed.server_model import ServerModel
 from hetfed.training import Encoded, encode_for_task
-from hetfed.wire import State
-from strategies.base import RoundStats
+from strategies.base import LoRAStrategy
 
 app = ServerApp()
 
@@ -50,87 +51,62 @@ def merged_adapter(spec: LoraSpec, state: State, deltas: State) -> tuple[LoraSpe
     """
     if not deltas:
         return spec, state
-    pairs, head = wire.split_state(state)
+    pairs, head = adapter_state.split_state(state)
     factors = {
         module: la.low_rank_factors(deltas.get(module, 0) + spec.scaling * (b @ a))
         for module, (b, a) in pairs.items()
     }
     rank = max(a.shape[0] for _, a in factors.values())
     padded = {module: la.pad(b, a, rank) for module, (b, a) in factors.items()}
-    return replace(spec, rank=rank, alpha=float(rank), rslora=False), wire.join_state(padded, head)
+    merged = replace(spec, rank=rank, alpha=float(rank), rslora=False)
+    return merged, adapter_state.join_state(padded, head)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    plan = plan_run(context.run_config, _project_dir(grid))
-    settings = plan.settings
-    strategy = plan.build_strategy()
-    checkpoint = plan.checkpoint
-    if checkpoint is not None:
-        log(
-            INFO,
-            "[hetfed] resuming after round %d from %s",
-            checkpoint.server_round,
-            plan.resume_from,
-        )
-    elif plan.resume_from is not None:
-        log(WARNING, "[hetfed] resume: no checkpoint in %s; starting at round 1", plan.resume_from)
-    done = [RoundRecord(**r) for r in checkpoint.records] if checkpoint is not None else []
-    writer = ResultsWriter(settings.results_dir, done)
-    log(
-        INFO,
-        "[hetfed] strategy %s, %d rounds, results in %s",
-        strategy.describe(),
-        settings.num_server_rounds,
-        writer.folder,
-    )
+def export_global(
+    strategy: LoRAStrategy, host: AdapterHost, state: State, folder: Path, extra: dict
+) -> Path:
+    """Write the model the server evaluates (the strategy's view of the global ``state``) as a
+    PEFT folder; it needs nothing from a training round, so a checkpoint exports as it is."""
+    return host.export(*merged_adapter(*strategy.model_view(state)), folder, extra)
 
-    splits = load_splits(settings.data)
-    model, tokenizer = build_model(settings.model, len(splits.label_names), settings.seed)
-    model.to(compute_device())  # evaluation and server-side training run there
 
-    def tokenized(dataset) -> Encoded:
-        return encode_for_task(
-            settings.model,
-            list(dataset["text"]),
-            list(dataset["label"]),
-            splits.label_names,
-            tokenizer,
-        )
+@dataclass
+class ServerRun:
+    """One ServerApp run: what :func:`build` made, and the bookkeeping of its rounds."""
 
-    server = ServerModel(
-        settings,
-        AdapterHost(model),
-        tokenized(splits.test),
-        tokenized(splits.server) if splits.server is not None else None,
-        splits.label_names,
-    )
-    strategy.bind(server)
-    run_started = last_time = time.perf_counter()
+    plan: RunPlan
+    strategy: LoRAStrategy
+    server: ServerModel
+    writer: ResultsWriter
+    label_names: list[str]
+    run_config: dict
+    started: float = field(default_factory=time.perf_counter)
+    last_round_end: float = field(default_factory=time.perf_counter)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        nonlocal last_time
-        accuracy, loss = server.evaluate(*strategy.model_view(wire.from_record(arrays)))
+    @property
+    def checkpoint(self) -> Checkpoint | None:
+        return self.plan.checkpoint
+
+    def seconds(self) -> float:
+        """Wall time of the run so far, the time before a resume included."""
+        before = self.checkpoint.seconds if self.checkpoint is not None else 0.0
+        return before + time.perf_counter() - self.started
+
+    def node_budgets(self) -> dict[str, str]:
+        """Each client's tier: this process's budget replies over the checkpoint's."""
+        before = self.checkpoint.node_budgets if self.checkpoint is not None else {}
+        current = {str(k): v.tier for k, v in self.strategy.budgets.items()}
+        return dict(sorted({**before, **current}.items()))
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Central evaluation of the global model; a line in metrics.jsonl and in the log."""
+        strategy, settings = self.strategy, self.plan.settings
+        accuracy, loss = self.server.evaluate(*strategy.model_view(wire.from_record(arrays)))
         now = time.perf_counter()
         stats = strategy.stats.get(server_round, RoundStats())
-        record = RoundRecord(
-            round=server_round,
-            accuracy=accuracy,
-            loss=loss,
-            sampled=stats.sampled,
-            replied=stats.replied,
-            failed=stats.failed,
-            rejected=stats.rejected,
-            attempts=stats.attempts,
-            skipped=stats.skipped,
-            bytes_down=stats.bytes_down,
-            bytes_up=stats.bytes_up,
-            train_loss=stats.train_loss,
-            seconds=now - last_time,
-            train_seconds=stats.train_seconds,
-        )
-        last_time = now
-        writer.add_round(record)
+        record = stats.record(server_round, accuracy, loss, now - self.last_round_end)
+        self.last_round_end = now
+        self.writer.add_round(record)
         log(
             INFO,
             "[hetfed] round %d/%d  accuracy %.4f  loss %.4f  replied %d/%d  "
@@ -147,70 +123,116 @@ def main(grid: Grid, context: Context) -> None:
         )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    spent_before = 0.0
-    if checkpoint is not None:
-        strategy.load_state_dict(checkpoint.strategy_state)
-        start_state, first_round = checkpoint.state, checkpoint.server_round + 1
-        spent_before = checkpoint.seconds
-    else:
-        start_state, first_round = strategy.initial_state(), 1
-
-    def save(server_round: int, arrays: ArrayRecord) -> None:
+    def save(self, server_round: int, arrays: ArrayRecord) -> None:
+        """The checkpoint after a round (:mod:`hetfed.checkpoint`, replaced atomically)."""
         snapshot = Checkpoint(
             server_round=server_round,
             state=wire.from_record(arrays),
-            strategy=strategy.name,
-            strategy_state=strategy.state_dict(),
-            records=[asdict(r) for r in writer.records],
-            seconds=spent_before + time.perf_counter() - run_started,
-            run_config=dict(context.run_config),
+            strategy=self.strategy.name,
+            strategy_state=self.strategy.state_dict(),
+            records=[asdict(r) for r in self.writer.records],
+            seconds=self.seconds(),
+            run_config=self.run_config,
+            node_budgets=self.node_budgets(),
         )
-        save_checkpoint(writer.folder, snapshot)
+        save_checkpoint(self.writer.folder, snapshot)
 
+
+def build(grid: Grid, context: Context) -> ServerRun:
+    """Validate the run (before any weights load), then the model, the test and server splits,
+    the strategy bound to them, and the results folder (with a resumed run's rounds)."""
+    plan = plan_run(context.run_config, _project_dir(grid))
+    settings, checkpoint = plan.settings, plan.checkpoint
+    strategy = plan.build_strategy()
+    if checkpoint is not None:
+        log(INFO, "[hetfed] resuming after round %d from %s", checkpoint.server_round,
+            plan.resume_from)  # fmt: skip
+        if checkpoint.server_round == settings.num_server_rounds:
+            log(INFO, "[hetfed] nothing left to train: round %d is the last; writing the "
+                "results again", checkpoint.server_round)  # fmt: skip
+    elif plan.resume_from is not None:
+        log(WARNING, "[hetfed] resume: no checkpoint in %s; starting at round 1", plan.resume_from)
+    done = [RoundRecord(**r) for r in checkpoint.records] if checkpoint is not None else []
+    writer = ResultsWriter(settings.results_dir, done)
+    log(INFO, "[hetfed] strategy %s, %d rounds, results in %s", strategy.describe(),
+        settings.num_server_rounds, writer.folder)  # fmt: skip
+    splits = load_splits(settings.data)
+    model, tokenizer = build_model(settings.model, len(splits.label_names), settings.seed)
+    model.to(compute_device())  # evaluation and server-side training run there
+
+    def tokenized(dataset) -> Encoded:
+        texts, labels = list(dataset["text"]), list(dataset["label"])
+        return encode_for_task(settings.model, texts, labels, splits.label_names, tokenizer)
+
+    public = tokenized(splits.server) if splits.server is not None else None
+    server = ServerModel(settings, AdapterHost(model), tokenized(splits.test), public)
+    strategy.bind(server)
+    return ServerRun(plan, strategy, server, writer, splits.label_names, dict(context.run_config))
+
+
+def run(job: ServerRun, grid: Grid) -> State:
+    """The rounds, from round 1 or after the checkpoint's last; the final global state."""
+    settings, checkpoint, strategy = job.plan.settings, job.checkpoint, job.strategy
+    if checkpoint is not None:
+        strategy.load_state_dict(checkpoint.strategy_state)
+        start_state, first_round = checkpoint.state, checkpoint.server_round + 1
+    else:
+        start_state, first_round = strategy.initial_state(), 1
     result = strategy.start(
         grid=grid,
         initial_arrays=wire.to_record(start_state),
         num_rounds=settings.num_server_rounds,
         timeout=settings.round_timeout,
-        evaluate_fn=evaluate_global,
+        evaluate_fn=job.evaluate,
         first_round=first_round,
-        on_round_end=save,
+        on_round_end=job.save,
     )
-    final_state = wire.from_record(result.arrays)
-    final = writer.records[-1]
-    export_spec, export_state = merged_adapter(*strategy.model_view(final_state))
-    with server.host.lock:
-        server.host.set_base_deltas({})  # the exported adapter is relative to the pristine base
-        adapter_dir = server.host.export(
-            export_spec,
-            export_state,
-            writer.folder / "adapter",
-            extra={
-                "model": asdict(settings.model),
-                "label_names": splits.label_names,
-                "final_accuracy": final.accuracy,
-            },
-        )
-    writer.plot(f"{strategy.name} on {settings.data.source} ({settings.model.name})")
-    writer.write_summary(
+    return wire.from_record(result.arrays)
+
+
+def export(job: ServerRun, state: State) -> Path:
+    """The global model as a PEFT folder ``adapter/`` (:func:`export_global`)."""
+    extra = {
+        "model": asdict(job.plan.settings.model),
+        "label_names": job.label_names,
+        "final_accuracy": job.writer.records[-1].accuracy,
+    }
+    return export_global(job.strategy, job.server.host, state, job.writer.folder / "adapter", extra)
+
+
+def summarize(job: ServerRun, adapter_dir: Path) -> None:
+    """``summary.json`` and ``accuracy.png``."""
+    settings, strategy, records = job.plan.settings, job.strategy, job.writer.records
+    final = records[-1]
+    job.writer.plot(f"{strategy.name} on {settings.data.source} ({settings.model.name})")
+    job.writer.write_summary(
         {
             "strategy": strategy.describe(),
             "final_accuracy": final.accuracy,
-            "best_accuracy": max(r.accuracy for r in writer.records),
-            "initial_accuracy": writer.records[0].accuracy,
+            "best_accuracy": max(r.accuracy for r in records),
+            "initial_accuracy": records[0].accuracy,
             "rounds": settings.num_server_rounds,
-            "bytes_down": sum(r.bytes_down for r in writer.records),
-            "bytes_up": sum(r.bytes_up for r in writer.records),
-            "failed_replies": sum(r.failed for r in writer.records),
-            "rejected_replies": sum(r.rejected for r in writer.records),
-            "skipped_rounds": [r.round for r in writer.records if r.skipped],
-            "resumed_after_round": first_round - 1 if checkpoint is not None else None,
-            "seconds": spent_before + time.perf_counter() - run_started,
+            "bytes_down": sum(r.bytes_down for r in records),
+            "bytes_up": sum(r.bytes_up for r in records),
+            "failed_replies": sum(r.failed for r in records),
+            "rejected_replies": sum(r.rejected for r in records),
+            "skipped_rounds": [r.round for r in records if r.skipped],
+            "resumed_after_round": job.checkpoint.server_round if job.checkpoint else None,
+            "seconds": job.seconds(),
             "global_rank": strategy.global_rank(),
-            "tiers": {name: tier.rank for name, tier in plan.profiles.tiers.items()},
-            "node_budgets": dict(sorted((str(k), v.tier) for k, v in strategy.budgets.items())),
+            "tiers": {name: tier.rank for name, tier in job.plan.profiles.tiers.items()},
+            "node_budgets": job.node_budgets(),
             "adapter": str(adapter_dir),
             "settings": asdict(settings),
         }
     )
-    log(INFO, "[hetfed] done: final accuracy %.4f; results in %s", final.accuracy, writer.folder)
+    log(
+        INFO, "[hetfed] done: final accuracy %.4f; results in %s", final.accuracy, job.writer.folder
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Build, run the rounds, export the global adapter, summarize."""
+    job = build(grid, context)
+    summarize(job, export(job, run(job, grid)))

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hetfed import lora_algebra as la
+from hetfed.adapter_state import LoraPairs
+from hetfed.aggregation import padded_weighted_sum
 from hetfed.errors import ConfigError
-from hetfed.wire import LoraPairs
-from strategies.base import ClientUpdate, LoRAStrategy
-from strategies.zeropad import pad_and_sum
+from hetfed.rank_policies import UniformRank
+from strategies.base import LoRAStrategy
+from strategies.replies import ClientUpdate
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,14 @@ class FedIT(LoRAStrategy):
     description = "Homogeneous LoRA (FedIT): every client one rank, FedAvg of A and B"
     options_class = FedITOptions
 
-    def global_rank(self) -> int:
-        return self.options.rank or self.profiles.min_rank
-
-    def client_rank(self, client_id: int) -> int:
-        return self.global_rank()
+    def make_rank_policy(self) -> UniformRank:
+        return UniformRank(self.options.rank or self.profiles.min_rank)
 
     def aggregate_lora(
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
     ) -> LoraPairs:
-        weights = la.normalize_weights([u.num_examples for u in updates])
         # every factor has the global rank, so padding is the identity: plain FedAvg
-        return pad_and_sum([u.lora for u in updates], global_lora, self.global_rank(), weights)
+        weights = self.policy_weights(updates)
+        return padded_weighted_sum(
+            [u.lora for u in updates], global_lora, self.global_rank(), weights
+        )

@@ -29,12 +29,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from hetfed import wire
+from hetfed import adapter_state, wire
+from hetfed.adapter_state import State
 from hetfed.errors import ConfigError
 from hetfed.layer_allocation import PATTERNS, fisher_layer_scores, fisher_probabilities
 from hetfed.models import CLASSIFICATION
-from hetfed.server_model import ServerModel
-from hetfed.wire import State
 from strategies.layer_base import LayerOptions, LayerStrategy
 
 
@@ -60,15 +59,6 @@ class FIMHLAOptions(LayerOptions):
             )
 
 
-def _server_split_error(options: FIMHLAOptions, value: Any) -> ConfigError:
-    return ConfigError(
-        "data.server-examples",
-        value,
-        f"an integer >= {options.examples} ({options.key('examples')}): fim-hla computes the "
-        "Fisher information on that many server examples",
-    )
-
-
 class FIMHLA(LayerStrategy):
     """FIM-HLA (Fed-HeLLo): layers drawn with probabilities from the global adapter's Fisher."""
 
@@ -79,19 +69,13 @@ class FIMHLA(LayerStrategy):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.settings.data.server_examples < self.options.examples:
-            raise _server_split_error(self.options, self.settings.data.server_examples)
         # p used by the draws: the initial pattern until the first Fisher computation.
         self.layer_probabilities = self.pattern_probabilities(self.options.initial_pattern)
         self.layer_scores: np.ndarray | None = None  # s_l of the last computation
         self.fisher_rounds: list[int] = []  # the rounds that recomputed p
 
-    def bind(self, server: ServerModel) -> None:
-        if server.public is None or len(server.public) < self.options.examples:
-            raise _server_split_error(
-                self.options, 0 if server.public is None else len(server.public)
-            )
-        super().bind(server)
+    def server_examples_needed(self) -> int:
+        return self.options.examples  # the Fisher information is computed on that many
 
     def fisher_due(self, server_round: int) -> bool:
         """Whether p is recomputed before ``server_round``: first-round, +period, ..."""
@@ -114,9 +98,7 @@ class FIMHLA(LayerStrategy):
         spec, count = self.global_spec(), self.options.examples
         public = self.server.public
         with self.server.host.lock:
-            model = self.server.load(
-                spec, wire.trainable(global_state), wire.base_deltas(global_state)
-            )
+            model = self.server.load(*self.model_view(global_state))
             parameters = {
                 name: parameter
                 for name, parameter in model.named_parameters()
@@ -128,7 +110,7 @@ class FIMHLA(LayerStrategy):
                 public.attention_mask[:count],
                 public.labels[:count],
                 parameters,
-                wire.layer_of,
+                adapter_state.layer_of,
                 self.num_layers,
                 batch_size=self.settings.train.eval_batch_size,
             )

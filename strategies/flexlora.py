@@ -23,9 +23,9 @@ Per LoRA module, with p_k = n_k / sum(n) and each client's scaling s_k:
 from __future__ import annotations
 
 from hetfed import lora_algebra as la
-from hetfed.errors import ConfigError
-from hetfed.wire import LoraPairs
-from strategies.base import ClientUpdate, LoRAStrategy
+from hetfed.adapter_state import LoraPairs
+from strategies.base import LoRAStrategy
+from strategies.replies import ClientUpdate
 
 
 class FlexLoRA(LoRAStrategy):
@@ -33,17 +33,9 @@ class FlexLoRA(LoRAStrategy):
 
     name = "flexlora"
     description = "FlexLoRA: SVD of the summed full-size updates, best rank-r_k part per client"
-    options_class = None
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if not self.settings.lora.rescale:
-            raise ConfigError(
-                "lora.rescale",
-                False,
-                "true for flexlora: its rule sends each client B_k = U_r S_r / s_k, which is the "
-                "rescaled truncation (the authors' code rescales too)",
-            )
+    requires = {
+        "lora.rescale": (True, "it sends each client B_k = U_r S_r / s_k, the rescaled truncation")
+    }
 
     def aggregate_lora(
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs

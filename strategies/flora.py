@@ -11,8 +11,8 @@ Per LoRA module, with p_k = n_k / sum(n) and client scaling s_k = alpha_k / r_k:
 - Merge into the base weights: the global state carries a dense delta per module under
   ``<module>.base_layer.delta``; delta <- delta + B_s A_s. Clients train on W0 + delta.
 - Restart: after every aggregation the global LoRA factors are re-initialised, A uniform in
-  +-1/sqrt(d_in) (peft's kaiming-uniform with a = sqrt(5)) from numpy seeded with
-  (settings.seed mod 2^63, round), B = 0; every client starts a fresh rank-r_k LoRA (the
+  +-1/sqrt(d_in) (peft's kaiming-uniform with a = sqrt(5)) from
+  :func:`hetfed.seeds.fresh_lora_rng`, B = 0; every client starts a fresh rank-r_k LoRA (the
   truncation of the fresh global one).
 - Scaling alpha_k = 2 r_k (s_k = 2 for every client), as in the authors' code: one scaling, so
   hetfed's conversion between client and global scaling (:mod:`hetfed.scaling`) is the
@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from hetfed import adapter_state, seeds
 from hetfed import lora_algebra as la
-from hetfed import wire
-from hetfed.errors import ConfigError
-from hetfed.wire import LoraPairs, State
-from strategies.base import ClientUpdate, LoRAStrategy
+from hetfed.adapter_state import LoraPairs, State
+from strategies.base import LoRAStrategy
+from strategies.replies import ClientUpdate
 
 
 def zero_deltas(lora: LoraPairs) -> State:
@@ -56,16 +56,7 @@ class FLoRA(LoRAStrategy):
 
     name = "flora"
     description = "FLoRA: stack the updates exactly, merge them into the base, fresh LoRA per round"
-    options_class = None
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.settings.lora.scaling != "standard":
-            raise ConfigError(
-                "lora.scaling",
-                self.settings.lora.scaling,
-                "standard for flora: it scales every client by 2 (alpha_k = 2 r_k)",
-            )
+    requires = {"lora.scaling": ("standard", "it scales every client by 2 (alpha_k = 2 r_k)")}
 
     def client_alpha(self, rank: int) -> float:
         """alpha_k = 2 r_k (the authors' code), so every client's scaling is s_k = 2."""
@@ -78,7 +69,9 @@ class FLoRA(LoRAStrategy):
         weights of every LoRA module.
         """
         state = super().initial_state()
-        return wire.with_base_deltas(state, zero_deltas(wire.split_state(state)[0]))
+        return adapter_state.with_base_deltas(
+            state, zero_deltas(adapter_state.split_state(state)[0])
+        )
 
     def aggregate(
         self, server_round: int, updates: list[ClientUpdate], global_state: State
@@ -86,15 +79,15 @@ class FLoRA(LoRAStrategy):
         """Merge the stacked updates into the deltas; fresh LoRA and p_k-averaged head."""
         merged = self.merged_deltas(updates, global_state)
         state = super().aggregate(server_round, updates, global_state)
-        return wire.with_base_deltas(wire.trainable(state), merged)
+        return adapter_state.with_base_deltas(adapter_state.trainable(state), merged)
 
     def merged_deltas(self, updates: list[ClientUpdate], global_state: State) -> State:
         """delta_m + B_s A_s per module m, with B_s A_s = sum_k p_k s_k B_k A_k (stacking)."""
         p = la.normalize_weights([u.num_examples for u in updates])
         weights = [pk * u.scaling for pk, u in zip(p, updates, strict=True)]
         lora = [u.lora for u in updates]
-        global_lora = wire.split_state(global_state)[0]
-        old = {**zero_deltas(global_lora), **wire.base_deltas(global_state)}
+        global_lora = adapter_state.split_state(global_state)[0]
+        old = {**zero_deltas(global_lora), **adapter_state.base_deltas(global_state)}
         merged = dict(old)  # deltas of modules without LoRA (none today) are kept
         for module in global_lora:
             b_s, a_s = la.stack(
@@ -108,5 +101,4 @@ class FLoRA(LoRAStrategy):
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
     ) -> LoraPairs:
         """The merged update left nothing in the adapter: every client restarts from fresh LoRA."""
-        rng = np.random.default_rng([self.settings.seed % 2**63, server_round])
-        return fresh_lora(global_lora, rng)
+        return fresh_lora(global_lora, seeds.fresh_lora_rng(self.settings.seed, server_round))

@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hetfed import lora_algebra as la
+from hetfed.adapter_state import LoraPairs
+from hetfed.aggregation import padded_weighted_sum, per_index_average
 from hetfed.errors import ConfigError
-from hetfed.wire import LoraPairs
-from strategies.base import ClientUpdate, LoRAStrategy
-from strategies.rbla import average_rank_indices
-from strategies.zeropad import pad_and_sum
+from strategies.base import LoRAStrategy
+from strategies.replies import ClientUpdate
 
 AGGREGATIONS = ("rank-weighted", "per-rank-index")
 
@@ -67,9 +67,8 @@ class HeLoRAPad(LoRAStrategy):
     ) -> LoraPairs:
         replies = [u.lora for u in updates]
         if self.options.aggregation == "per-rank-index":
-            weights = la.normalize_weights([u.num_examples for u in updates])
-            return average_rank_indices(replies, global_lora, weights)
+            return per_index_average(replies, global_lora, self.policy_weights(updates))
         weights = la.normalize_weights([u.num_examples * u.rank for u in updates])
-        return pad_and_sum(
-            replies, global_lora, self.global_rank(), weights, filler=self.options.filler
+        return padded_weighted_sum(
+            replies, global_lora, self.global_rank(), weights, self.options.filler
         )

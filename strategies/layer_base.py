@@ -22,12 +22,12 @@ of contributors and keeps untrained modules; :meth:`LayerStrategy.aggregate_lora
 The task head is averaged with the data weights p_k over all repliers (every hetfed method; the
 authors' code never aggregated its head).
 
-Ranks (``ranks``): ``"uniform"`` is Fed-HeLLo's setting, every client at one rank r (the
-``rank`` option, 0 = the smallest tier rank). ``"hetlora"`` is hetfed's combination with
-HetLoRA's rank heterogeneity (in no paper): tier ranks by truncation, local rank self-pruning
-and, per layer, HetLoRA's sparsity-weighted sum of the zero-padded factors of the clients that
-trained that layer, S_c = ||B_c A_c||_F over the layer's modules. It delegates to an internal
-:class:`~strategies.hetlora.HetLoRA` (default options) that shares this strategy's budgets.
+Ranks (``ranks``), a rank policy (:mod:`hetfed.rank_policies`): ``"uniform"`` is Fed-HeLLo's
+setting, every client at one rank r (the ``rank`` option, 0 = the smallest tier rank), weighted
+as ``weighting`` says. ``"hetlora"`` is hetfed's combination with HetLoRA's rank heterogeneity
+(in no paper): tier ranks by truncation, local rank self-pruning and, per layer, HetLoRA's
+sparsity-weighted sum of the zero-padded factors of the clients that trained that layer,
+S_c = ||B_c A_c||_F over the layer's modules (HetLoRA's default options).
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from hetfed import lora_algebra as la
-from hetfed import wire
+from hetfed import seeds, wire
+from hetfed.adapter_state import LoraPairs, layer_of
+from hetfed.aggregation import padded_weighted_sum
 from hetfed.config import config_key
 from hetfed.errors import ConfigError
 from hetfed.layer_allocation import PATTERNS, pattern_probabilities, sample_layers
-from hetfed.wire import LoraPairs
-from strategies.base import ClientUpdate, LoRAStrategy
-from strategies.hetlora import HetLoRA, HetLoRAOptions
-from strategies.zeropad import pad_and_sum
+from hetfed.rank_policies import HetLoRAOptions, SelfPruning, TierRanks, UniformRank
+from strategies.base import LoRAStrategy
+from strategies.replies import ClientUpdate
 
 WEIGHTINGS = ("uniform", "examples")
 RANK_MODES = ("uniform", "hetlora")
@@ -120,14 +120,12 @@ class LayerStrategy(LoRAStrategy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.options is None:
-            self.options = self.options_class()
         self._round_clients: list[int] = []  # the clients that train in the current round
-        self._hetlora: HetLoRA | None = None
+
+    def make_rank_policy(self) -> TierRanks:
         if self.options.ranks == "hetlora":
-            # Rank heterogeneity delegated to HetLoRA; it reads the budgets this strategy learns.
-            self._hetlora = HetLoRA(self.settings, self.profiles, HetLoRAOptions(), self.num_layers)
-            self._hetlora.budgets = self.budgets
+            return SelfPruning(self.profiles.max_rank, HetLoRAOptions())
+        return UniformRank(self.options.rank or self.profiles.min_rank, self.options.weighting)
 
     # ------------------------------------------------------------------ layers
     def layer_budget(self, client_id: int) -> int | None:
@@ -177,7 +175,7 @@ class LayerStrategy(LoRAStrategy):
         self, server_round: int, client_id: int, budget: int, probabilities: np.ndarray
     ) -> list[int]:
         """RGD-HLA's draw, reproducible: a generator seeded by (seed, round, client id)."""
-        rng = np.random.default_rng([abs(self.settings.seed), server_round, client_id])
+        rng = seeds.layer_rng(self.settings.seed, server_round, client_id)
         return sample_layers(rng, budget, probabilities)
 
     def pattern_probabilities(self, pattern: str) -> np.ndarray | None:
@@ -185,57 +183,27 @@ class LayerStrategy(LoRAStrategy):
         return None if self.num_layers is None else pattern_probabilities(pattern, self.num_layers)
 
     # ------------------------------------------------------------------ ranks
-    def global_rank(self) -> int:
-        if self._hetlora is not None:
-            return self._hetlora.global_rank()
-        return self.options.rank or self.profiles.min_rank
-
-    def client_rank(self, client_id: int) -> int:
-        if self._hetlora is not None:
-            return self._hetlora.client_rank(client_id)
-        return self.global_rank()
-
-    def client_config(self, server_round: int, client_id: int) -> dict[str, Any]:
-        if self._hetlora is not None:
-            return self._hetlora.client_config(server_round, client_id)
-        return {}
-
-    def allowed_reply_ranks(self, client_id: int, sent_rank: int) -> set[int]:
-        if self._hetlora is not None:
-            return self._hetlora.allowed_reply_ranks(client_id, sent_rank)
-        return {sent_rank}
-
-    def accept(self, update: ClientUpdate) -> None:
-        if self._hetlora is not None:
-            self._hetlora.accept(update)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"hetlora": self._hetlora.state_dict()} if self._hetlora is not None else {}
+        return {"hetlora": super().state_dict()} if self.options.ranks == "hetlora" else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self._hetlora is not None:
-            self._hetlora.load_state_dict(state["hetlora"])
+        if self.options.ranks == "hetlora":
+            super().load_state_dict(state["hetlora"])
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_lora(
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
     ) -> LoraPairs:
-        """The modules of ``global_lora`` were trained by exactly the clients of ``updates``."""
-        if self._hetlora is not None:
-            by_layer: dict[int | None, list[str]] = {}
-            for module in global_lora:
-                by_layer.setdefault(wire.layer_of(module), []).append(module)
-            aggregated: LoraPairs = {}
-            for modules in by_layer.values():  # HetLoRA's S_c over one layer's modules
-                aggregated |= self._hetlora.aggregate_lora(
-                    server_round,
-                    [u.restricted(modules) for u in updates],
-                    {m: global_lora[m] for m in modules},
-                )
-            return aggregated
-        if self.options.weighting == "examples":
-            weights = la.normalize_weights([u.num_examples for u in updates])
-        else:
-            weights = la.normalize_weights([1.0] * len(updates))
-        # every client trains the global rank: padding is the identity, this is the mean
-        return pad_and_sum([u.lora for u in updates], global_lora, self.global_rank(), weights)
+        """The modules of ``global_lora`` were trained by exactly the clients of ``updates``;
+        each layer's modules are summed with the rank policy's weights over that layer (one
+        rank: 1/|C_l| or n_c weights; HetLoRA ranks: S_c over the layer's modules)."""
+        by_layer: dict[int | None, list[str]] = {}
+        for module in global_lora:
+            by_layer.setdefault(layer_of(module), []).append(module)
+        aggregated: LoraPairs = {}
+        for modules in by_layer.values():
+            layer = [u.restricted(modules) for u in updates]
+            weights = self.policy_weights(layer)
+            replies = [u.lora for u in layer]
+            aggregated |= padded_weighted_sum(replies, modules, self.global_rank(), weights)
+        return aggregated

@@ -17,31 +17,10 @@ keeps its previous global value.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from hetfed import lora_algebra as la
-from hetfed.wire import LoraPairs
-from strategies.base import ClientUpdate, LoRAStrategy
-
-
-def average_rank_indices(
-    replies: Sequence[LoraPairs], global_lora: LoraPairs, weights: Sequence[float]
-) -> LoraPairs:
-    """Per module, :func:`hetfed.lora_algebra.average_per_rank_index` at the global rank; rank
-    indices that no reply holds keep the global module's values."""
-    aggregated = {}
-    for module, (global_b, global_a) in global_lora.items():
-        held = max(pairs[module][0].shape[1] for pairs in replies)
-        b, a = la.average_per_rank_index(
-            [pairs[module][0] for pairs in replies],
-            [pairs[module][1] for pairs in replies],
-            weights,
-            global_b.shape[1],
-        )
-        b[:, held:] = global_b[:, held:]
-        a[held:, :] = global_a[held:, :]
-        aggregated[module] = (b, a)
-    return aggregated
+from hetfed.adapter_state import LoraPairs
+from hetfed.aggregation import per_index_average
+from strategies.base import LoRAStrategy
+from strategies.replies import ClientUpdate
 
 
 class RBLA(LoRAStrategy):
@@ -49,10 +28,9 @@ class RBLA(LoRAStrategy):
 
     name = "rbla"
     description = "RBLA: truncation, each rank index averaged over the clients that hold it"
-    options_class = None
 
     def aggregate_lora(
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
     ) -> LoraPairs:
-        weights = la.normalize_weights([u.num_examples for u in updates])
-        return average_rank_indices([u.lora for u in updates], global_lora, weights)
+        weights = self.policy_weights(updates)  # p_k
+        return per_index_average([u.lora for u in updates], global_lora, weights)

@@ -17,30 +17,10 @@ docs/methods/zeropad.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
-from hetfed import lora_algebra as la
-from hetfed.wire import LoraPairs
-from strategies.base import ClientUpdate, LoRAStrategy
-
-
-def pad_and_sum(
-    replies: Sequence[LoraPairs],
-    modules: Iterable[str],
-    rank: int,
-    weights: Sequence[float],
-    filler: str = "zero",
-) -> LoraPairs:
-    """Per module: pad every client's (B_k, A_k) to ``rank`` with ``filler``, then
-    B <- sum_k w_k B~_k and A <- sum_k w_k A~_k (weights as given)."""
-    aggregated = {}
-    for module in modules:
-        padded = [la.pad(*pairs[module], rank, filler) for pairs in replies]
-        aggregated[module] = (
-            la.weighted_sum([b for b, _ in padded], weights),
-            la.weighted_sum([a for _, a in padded], weights),
-        )
-    return aggregated
+from hetfed.adapter_state import LoraPairs
+from hetfed.aggregation import padded_weighted_sum
+from strategies.base import LoRAStrategy
+from strategies.replies import ClientUpdate
 
 
 class ZeroPad(LoRAStrategy):
@@ -48,10 +28,11 @@ class ZeroPad(LoRAStrategy):
 
     name = "zeropad"
     description = "Zero-padding (naive HetLoRA): truncate to each rank, zero-pad, FedAvg of B and A"
-    options_class = None
 
     def aggregate_lora(
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
     ) -> LoraPairs:
-        weights = la.normalize_weights([u.num_examples for u in updates])
-        return pad_and_sum([u.lora for u in updates], global_lora, self.global_rank(), weights)
+        weights = self.policy_weights(updates)  # p_k
+        return padded_weighted_sum(
+            [u.lora for u in updates], global_lora, self.global_rank(), weights
+        )

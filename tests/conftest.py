@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -171,9 +173,27 @@ def flower_home(tmp_path_factory):
             os.kill(pid, signal.SIGTERM)
 
 
+def hetfed_run(
+    flower_home: Path,
+    cwd: Path,
+    scenario: Path,
+    overrides: tuple[str, ...] = (),
+    timeout: float = 420,
+) -> subprocess.CompletedProcess:
+    """``hetfed run SCENARIO -c ...`` (which calls ``flwr run``) from ``cwd``, on the local
+    SuperLink of ``flower_home``."""
+    env = {**os.environ, "FLWR_HOME": str(flower_home)}
+    command = [sys.executable, "-m", "tooling.cli", "run", str(scenario)]
+    for override in overrides:
+        command += ["-c", override]
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 @pytest.fixture
 def run_scenario(flower_home, tmp_path):
-    """Run a scenario through ``hetfed run`` (which calls ``flwr run``) and return its outcome."""
+    """Run a scenario through ``hetfed run`` and return its outcome and results folder."""
 
     def _run(
         config: dict,
@@ -183,16 +203,32 @@ def run_scenario(flower_home, tmp_path):
         timeout: float = 420,
     ):
         folder = write_scenario(tmp_path / "scenario", config, profiles, num_supernodes)
-        env = {**os.environ, "FLWR_HOME": str(flower_home)}
-        command = [sys.executable, "-m", "hetfed.cli", "run", str(folder)]
-        for override in overrides:
-            command += ["-c", override]
-        proc = subprocess.run(
-            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
-        )
+        proc = hetfed_run(flower_home, tmp_path, folder, overrides, timeout)
         return proc, tmp_path / config.get("results-dir", "results")
 
     return _run
+
+
+def adapter_tensors(results: Path) -> dict[str, np.ndarray]:
+    """The tensors of the PEFT adapter a run exported to ``results/adapter``."""
+    return load_file(str(results / "adapter" / "adapter_model.safetensors"))
+
+
+def peft_config(results: Path) -> dict:
+    """``results/adapter/adapter_config.json``, its target modules sorted (peft writes a set, in
+    an order that changes from process to process)."""
+    config = json.loads((results / "adapter" / "adapter_config.json").read_text())
+    return {**config, "target_modules": sorted(config["target_modules"])}
+
+
+def assert_same_adapter(actual: Path, expected: Path, atol: float = 1e-6) -> None:
+    """The adapters exported to ``actual/adapter`` and ``expected/adapter`` agree (to ``atol``;
+    0 means bit for bit), and so do their PEFT configs."""
+    got, want = adapter_tensors(actual), adapter_tensors(expected)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=atol, err_msg=key)
+    assert peft_config(actual) == peft_config(expected)
 
 
 @pytest.fixture

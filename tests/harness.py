@@ -7,9 +7,9 @@ random arrays; the end-to-end tests run the real ClientApp through the Simulatio
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from hetfed import wire
+from hetfed import adapter_state, wire
 from hetfed.config import LoraSettings, RunSettings
 from hetfed.profiles import parse_profiles
 
@@ -46,10 +46,8 @@ class InProcessGrid:
                 content = self.train(self.client_ids[node], msg)
             else:
                 tier = self.profiles.tier(self.tiers[node])
-                budget = {wire.TIER: tier.name, wire.RANK: tier.rank}
-                content = RecordDict(
-                    {wire.BUDGET: ConfigRecord({**budget, wire.CLIENT_ID: self.client_ids[node]})}
-                )
+                budget = wire.BudgetReply(tier.name, tier.rank, self.client_ids[node])
+                content = RecordDict({wire.BUDGET: budget.to_record()})
             if content is not None:
                 replies.append(_reply(msg, content))
         return replies
@@ -100,12 +98,12 @@ def trained(rng, n_examples=None, rank_override=None, mutate=None):
     def reply(node, rank, arrays):
         r = rank_override(node, rank) if rank_override else rank
         new = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in arrays.items()}
-        new = wire.truncate_state(new, r)
+        new = adapter_state.truncate_state(new, r)
         if mutate:
             new = mutate(node, new)
         sent[node] = new
         examples = n_examples[node] if n_examples else 10
-        metrics = MetricRecord({wire.NUM_EXAMPLES: examples, wire.RANK: r, wire.TRAIN_LOSS: 1.0})
+        metrics = wire.TrainReply(num_examples=examples, train_loss=1.0, rank=r).to_record()
         return RecordDict({wire.ARRAYS: wire.to_record(new), wire.METRICS: metrics})
 
     return reply, sent

@@ -14,13 +14,15 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from hetfed import bench, cli, wire
+from hetfed import adapter_state, wire
 from hetfed import lora_algebra as la
 from hetfed.results import RoundRecord
 from strategies.zeropad import ZeroPad
 from tests.conftest import REPO
 from tests.harness import InProcessGrid, global_state, make
 from tests.test_cli import RANK_METHODS
+from tooling import cli, scenarios
+from tooling.bench import aggregation, client_throughput, common, overhead
 
 QUICKSTART = REPO / "scenarios" / "quickstart"
 
@@ -37,22 +39,22 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def quick_scenario(tmp_path_factory):
     """The quickstart as ``hetfed bench --quick`` runs it: zeropad, the tiny random BERT."""
-    return bench.scenario_variant(
-        QUICKSTART, tmp_path_factory.mktemp("bench") / "scenario", bench.QUICK_WORKLOAD
+    return scenarios.write_variant(
+        QUICKSTART, tmp_path_factory.mktemp("bench") / "scenario", common.QUICK_WORKLOAD
     )
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_factored_and_dense_flexlora_aggregation_agree(dtype):
-    """la.factored_svd (hetfed) and bench.dense_svd (dense sum, full SVD) give the same leading
-    singular values and the same rank-r approximation of sum_k w_k B_k A_k."""
+    """la.factored_svd (hetfed) and aggregation.dense_svd (dense sum, full SVD) give the same
+    leading singular values and the same rank-r approximation of sum_k w_k B_k A_k."""
     rng = np.random.default_rng(0)
     ranks, d_out, d_in, target = [2, 4, 8, 3, 6], 30, 20, 8
     bs = [rng.standard_normal((d_out, r)).astype(dtype) for r in ranks]
     as_ = [rng.standard_normal((r, d_in)).astype(dtype) for r in ranks]
     weights = la.normalize_weights(rng.integers(1, 50, len(ranks))) * 16.0 / np.array(ranks)
     factored = la.factored_svd(bs, as_, weights, target)
-    dense = bench.dense_svd(bs, as_, weights, target)
+    dense = aggregation.dense_svd(bs, as_, weights, target)
     tolerance = 1e-10 if dtype == np.float64 else 2e-5
     np.testing.assert_allclose(factored[1], dense[1], rtol=tolerance)
     approximation = [u @ np.diag(s) @ vt for u, s, vt in (factored, dense)]
@@ -62,47 +64,50 @@ def test_factored_and_dense_flexlora_aggregation_agree(dtype):
 
 
 def test_flexlora_large_quick_measures_both_ways_on_one_module_per_shape():
-    result = bench.flexlora_large(8, (4, 8, 16), bench.QUICK_7B_BLOCK, "per-shape")
-    assert result["dense_modules"] == bench.per_shape(bench.QUICK_7B_BLOCK)
+    result = aggregation.flexlora_large(8, (4, 8, 16), aggregation.QUICK_7B_BLOCK, "per-shape")
+    assert result["dense_modules"] == aggregation.per_shape(aggregation.QUICK_7B_BLOCK)
     assert len(result["dense_modules"]) == 3  # 4096x4096, 11008x4096, 4096x11008 scaled down
-    assert [r["module"] for r in result["modules"]] == list(bench.QUICK_7B_BLOCK)
+    assert [r["module"] for r in result["modules"]] == list(aggregation.QUICK_7B_BLOCK)
     assert result["max_singular_value_difference"] < 1e-4
     assert result["speedup"] > 0 and result["memory_ratio"] > 0
     json.dumps(result)
 
 
 def test_server_aggregation_quick_runs_every_rank_strategy():
-    result = bench.server_aggregation(8, (2, 4, 8), bench.QUICK_SMOLLM2_BLOCK, 2)
+    result = aggregation.server_aggregation(8, (2, 4, 8), aggregation.QUICK_SMOLLM2_BLOCK, 2)
     rows = {r["strategy"]: r for r in result["strategies"]}
-    assert set(rows) == set(bench.rank_strategy_names())
+    assert set(rows) == set(aggregation.rank_strategy_names())
     assert set(RANK_METHODS) <= set(rows)
     assert not {"gd-hla", "rgd-hla", "fim-hla"} & set(rows)  # layer strategies are left out
     for row in rows.values():
         assert row["clients"] == 8 and row["seconds"] >= 0 and row["peak_bytes"] > 0
     assert rows["fedit"]["ranks"] == [2, 2] and rows["hetlora"]["ranks"] == [2, 8]
     assert "no server model" in rows["helora-kd"]["note"]
-    assert result["modules"] == 2 * len(bench.QUICK_SMOLLM2_BLOCK)
+    assert result["modules"] == 2 * len(aggregation.QUICK_SMOLLM2_BLOCK)
     json.dumps(result)
 
 
 def test_scenario_variant_switches_strategy_and_simulation(tmp_path):
-    variant = bench.scenario_variant(
+    variant = scenarios.write_variant(
         QUICKSTART, tmp_path / "v", {"strategy": "zeropad"}, {"num-supernodes": 4}
     )
-    config = cli.scenario_run_config(variant, [])
+    config = scenarios.scenario_run_config(variant, [])
     assert config["strategy"] == "zeropad" and "hetlora.min-rank" not in config
-    assert config["model.name"] == cli.scenario_run_config(QUICKSTART, [])["model.name"]
-    assert cli.simulation_settings(variant)["num-supernodes"] == 4
+    assert config["model.name"] == scenarios.scenario_run_config(QUICKSTART, [])["model.name"]
+    assert scenarios.simulation_settings(variant)["num-supernodes"] == 4
     assert (variant / "profiles.yaml").read_text() == (QUICKSTART / "profiles.yaml").read_text()
-    cli.check(variant, [])
+    scenarios.check(variant, [])
 
 
 def test_hetfed_and_naive_clients_do_the_same_work(quick_scenario):
     """Both train functions, called in this process, give the same losses for the same calls."""
-    workload = bench.client_workload(quick_scenario, ["fraction-train=1.0"])
+    workload = common.client_workload(quick_scenario, ["fraction-train=1.0"])
     assert len(workload.calls) == 10  # every quickstart client, round 1
     calls = [(msg, context) for _, msg, context in workload.calls[-2:]]  # ranks 8
-    results = {v: bench.measure_client_calls(v, calls) for v in bench.CLIENT_VARIANTS}
+    results = {
+        v: client_throughput.measure_client_calls(v, calls)
+        for v in client_throughput.CLIENT_VARIANTS
+    }
     for result in results.values():
         assert result["updates"] == 2 and result["updates_per_second"] > 0
         assert result["peak_rss_bytes"] > 0
@@ -110,25 +115,27 @@ def test_hetfed_and_naive_clients_do_the_same_work(quick_scenario):
 
 
 def test_naive_client_refuses_more_than_plain_lora(tmp_path):
-    hetlora = bench.scenario_variant(QUICKSTART, tmp_path / "h", {"model.name": "tiny-random-bert"})
-    _, msg, context = bench.client_workload(hetlora).calls[0]
+    hetlora = scenarios.write_variant(
+        QUICKSTART, tmp_path / "h", {"model.name": "tiny-random-bert"}
+    )
+    _, msg, context = common.client_workload(hetlora).calls[0]
     assert wire.PRUNE_GAMMA in msg.content[wire.CONFIG]
     with pytest.raises(ValueError, match="plain LoRA only"):
-        bench.naive_train(msg, context)
+        client_throughput.naive_train(msg, context)
 
 
 def test_plain_steps_and_overhead_ratios(quick_scenario):
-    plain = bench.plain_training_seconds(quick_scenario, 1, 1)
+    plain = overhead.plain_training_seconds(quick_scenario, 1, 1)
     assert list(plain) == [1] and len(plain[1]) == 5  # fraction-train 0.5 of 10 clients
-    ratios = bench.overhead_ratios({1: 3 * sum(plain[1])}, plain)
+    ratios = overhead.overhead_ratios({1: 3 * sum(plain[1])}, plain)
     assert ratios == {"all_rounds": pytest.approx(3.0), "rounds_2_on": None}
     fake = {1: [1.0, 1.0], 2: [2.0], 3: [2.0]}
-    ratios = bench.overhead_ratios({1: 6.0, 2: 2.2, 3: 2.2}, fake)
+    ratios = overhead.overhead_ratios({1: 6.0, 2: 2.2, 3: 2.2}, fake)
     assert ratios == {"all_rounds": pytest.approx(10.4 / 6), "rounds_2_on": pytest.approx(1.1)}
 
 
 def test_isolated_runs_in_a_process_of_its_own():
-    assert bench.isolated(os.getpid) != os.getpid()
+    assert common.isolated(os.getpid) != os.getpid()
 
 
 def test_bench_command_quick_item_4_prints_and_writes_json(tmp_path, capsys):
@@ -137,7 +144,7 @@ def test_bench_command_quick_item_4_prints_and_writes_json(tmp_path, capsys):
     assert cli.main(argv) == 0
     results = json.loads(out.read_text())
     assert results["quick"] is True and results["machine"]["cpus"] == os.cpu_count()
-    assert results["scenario"]["run_config"] == bench.QUICK_WORKLOAD
+    assert results["scenario"]["run_config"] == common.QUICK_WORKLOAD
     memory = results["server_memory"]  # what the strategy holds after registering 20, 200
     assert [r["clients"] for r in memory["populations"]] == [20, 200]
     small, large = (r["strategy_bytes"] for r in memory["populations"])
@@ -161,7 +168,7 @@ def test_round_records_train_seconds_over_configure_to_aggregate():
                 wire.TRAIN_LOSS: 1.0,
             }
         )
-        arrays = wire.trainable(wire.from_record(msg.content[wire.ARRAYS]))
+        arrays = adapter_state.trainable(wire.from_record(msg.content[wire.ARRAYS]))
         return RecordDict({wire.ARRAYS: wire.to_record(arrays), wire.METRICS: metrics})
 
     strategy = make(ZeroPad, None)

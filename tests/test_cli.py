@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from hetfed.checkpoint import Checkpoint, save_checkpoint
-from hetfed.cli import main
 from tests.conftest import REPO, TINY_PROFILES, write_scenario
+from tooling.cli import main
 
 RANK_METHODS = [
     "fedit",
@@ -83,15 +84,20 @@ def test_override_with_an_unquoted_string_is_a_clear_error(capsys):
     assert "-c results-dir=out/x" in err and "quoted string" in err
 
 
-def test_resuming_another_runs_checkpoint_is_refused(tmp_path, capsys):
-    config = {
+def resume_config(results: Path) -> dict:
+    """The run config of a tiny scenario that resumes from ``results``."""
+    return {
         "strategy": "hetlora",
         "model.name": "tiny-random-bert",
         "profiles": "profiles.yaml",
-        "results-dir": str(tmp_path / "results"),
+        "results-dir": str(results),
         "seed": 1,
         "resume": True,
     }
+
+
+def test_resuming_another_runs_checkpoint_is_refused(tmp_path, capsys):
+    config = resume_config(tmp_path / "results")
     folder = write_scenario(tmp_path / "s", config)
     assert main(["check", str(folder)]) == 0  # no checkpoint yet: the run starts at round 1
     written = Checkpoint(1, {}, "hetlora", {}, [], 0.0, {**config, "seed": 2})
@@ -101,3 +107,14 @@ def test_resuming_another_runs_checkpoint_is_refused(tmp_path, capsys):
     assert "key 'seed' has value 1" in err and "checkpoint.npz" in err
     save_checkpoint(tmp_path / "results", replace(written, run_config=config))
     assert main(["check", str(folder)]) == 0
+
+
+def test_resuming_with_fewer_rounds_than_the_checkpoint_holds_is_refused(tmp_path, capsys):
+    config = {**resume_config(tmp_path / "results"), "num-server-rounds": 3}
+    folder = write_scenario(tmp_path / "s", config)
+    save_checkpoint(tmp_path / "results", Checkpoint(3, {}, "hetlora", {}, [], 0.0, config))
+    assert main(["check", str(folder)]) == 0  # its last round: the results are written again
+    assert main(["check", str(folder), "-c", "num-server-rounds=2"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'num-server-rounds' has value 2" in err and "an integer >= 3" in err
+    assert "checkpoint.npz" in err

@@ -4,7 +4,10 @@ processes that name their tier in ``--node-config``, and ``flwr run`` against th
 - insecure: three SuperNodes (tiers small/medium/large) train at ranks 2, 4 and 8; in round 2
   one of them is killed mid-round, and the round completes with the other two;
 - TLS (a CA and a server certificate made with ``openssl``) plus SuperNode authentication: the
-  three registered nodes train, a fourth node with an unregistered key is refused.
+  three registered nodes train, a fourth node with an unregistered key is refused;
+- a SuperLink restart: the SuperLink process is killed after round 1, a new one is started on
+  the same address and ``--database``, the SuperNodes reconnect by themselves, and the run
+  resumed with ``resume = true`` ends with the uninterrupted run's adapter.
 
 The commands are those of ``docs/deployment.md``. Every process is started and stopped here,
 and nothing is left running (checked by pid and with ``pgrep``). A deployed SuperNode starts a
@@ -31,9 +34,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hetfed.cli import OFFLINE_ENV, run_status
+from hetfed.checkpoint import load_checkpoint
 from hetfed.results import read_metrics
-from tests.conftest import TINY_CONFIG, write_scenario
+from tests.conftest import TINY_CONFIG, assert_same_adapter, write_scenario
+from tooling.scenarios import OFFLINE_ENV, run_status
 
 pytestmark = pytest.mark.deployment
 
@@ -193,6 +197,16 @@ class Processes:
             except ProcessLookupError:
                 pass
         proc.wait(timeout=30)
+
+    def kill(self, name: str) -> list[Pid]:
+        """SIGKILL the process alone (a crash of that process); its descendants, returned, are
+        left to notice by themselves. Its log is kept as ``<name>-killed.log``."""
+        proc = self.procs.pop(name)
+        orphans = self._descendants(proc.pid)
+        proc.kill()
+        proc.wait(timeout=30)
+        (self.folder / f"{name}.log").rename(self.folder / f"{name}-killed.log")
+        return orphans
 
     def stop(self, *names: str) -> None:
         """SIGTERM (Flower shuts down gracefully), SIGKILL after 20 s; then their descendants,
@@ -475,3 +489,77 @@ def test_tls_and_supernode_auth_refuse_an_unregistered_node(deployment, tmp_path
     summary = check_budgets(tmp_path / "results")
     assert set(summary["node_budgets"]) == registered  # exactly the registered nodes trained
     assert deployment.log("superlink").count(ACTIVATED) == 3
+
+
+def test_a_run_resumes_after_a_superlink_restart(deployment, tmp_path, topics_corpus):
+    """A SuperLink with a ``--database`` is SIGKILLed after round 1 of 2 (its SuperExec and the
+    ServerApp exit on their own). A new SuperLink on the same address and database takes over:
+    the SuperNodes, never restarted, reconnect by themselves under their node ids, Flower marks
+    the dead run failed, and ``flwr run ... --run-config resume=true`` continues from the
+    checkpoint to the adapter of an uninterrupted run on the same nodes (to 1e-6)."""
+    link_port, *node_ports = free_ports(1 + len(TIERS))
+    database = tmp_path / "superlink.db"
+    deployment.superlink(link_port, "--insecure", "--database", database)
+    for client_id, (tier, port) in enumerate(zip(TIERS, node_ports, strict=True)):
+        config = f"{node_config(tier, topics_corpus)} client-id={client_id}"  # named across runs
+        deployment.supernode(tier, link_port, port, config, "--insecure")
+    write_connection(deployment.env, "lab", f"127.0.0.1:{link_port}", ca=None)
+    scenario = deployment_scenario(
+        tmp_path, topics_corpus, **{"round-timeout": 300, "resume": False}
+    )
+    deployment.wait_for_nodes(3)
+    whole = tmp_path / "whole"
+    proc = flwr(
+        deployment, "run", scenario, "lab", "--stream",
+        "--run-config", f"results-dir={json.dumps(str(whole))}", timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    check_completed(proc.stdout, deployment.env)
+
+    results = tmp_path / "results"
+    with (tmp_path / "flwr-run.log").open("w") as out:
+        run = subprocess.Popen(
+            [BIN / "flwr", "run", scenario, "lab", "--stream"],
+            cwd=tmp_path,
+            env=deployment.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deployment.wait_for(
+            lambda: load_checkpoint(results) is not None or run.poll() is not None,
+            RUN_TIMEOUT,
+            "the checkpoint of round 1",
+        )
+        orphans = deployment.kill("superlink")
+        run.wait(timeout=60)  # its log stream lost the SuperLink
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    stopped = load_checkpoint(results)
+    assert stopped.server_round == 1 and not (results / "summary.json").exists()
+    deployment.wait_for(
+        lambda: not any(p.alive() for p in orphans), 30, "the SuperExec and ServerApp to exit"
+    )
+    killed_run = run_id_of(deployment.log("flwr-run"))
+
+    deployment.superlink(link_port, "--insecure", "--database", database)
+    proc = flwr(
+        deployment, "run", scenario, "lab", "--stream", "--run-config", "resume=true",
+        timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert run_status(run_id_of(proc.stdout), deployment.env) == "finished:completed"
+    assert "resuming after round 1" in proc.stdout, proc.stdout[-6000:]
+    assert all(deployment.procs[tier].poll() is None for tier in TIERS)  # never restarted
+    assert ACTIVATED not in deployment.log("superlink")  # the database knew them
+    deployment.wait_for(
+        lambda: run_status(killed_run, deployment.env) == "finished:failed",
+        120,
+        "the killed run to be marked failed",
+    )
+    rounds, expected = read_metrics(results), read_metrics(whole)
+    assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[2]["replied"] == 3
+    assert [r["accuracy"] for r in rounds] == [r["accuracy"] for r in expected]
+    assert check_budgets(results)["resumed_after_round"] == 1
+    assert_same_adapter(results, whole)

@@ -12,12 +12,16 @@ from pathlib import Path
 import pytest
 from peft import PeftModel
 
-from hetfed.cli import OFFLINE_ENV, run_status
+from hetfed.adapters import AdapterHost
+from hetfed.checkpoint import load_checkpoint
 from hetfed.data import DataConfig, load_splits
 from hetfed.models import ModelConfig, build_classifier, build_model
 from hetfed.results import read_metrics
+from hetfed.run_plan import plan_run
 from hetfed.training import encode, encode_for_task, evaluate
-from tests.conftest import TINY_PROFILES, write_scenario
+from server_apps.lora_server import export_global
+from tests.conftest import TINY_PROFILES, assert_same_adapter, write_scenario
+from tooling.scenarios import OFFLINE_ENV, run_status
 
 # Options some strategies need beyond the tiny scenario's.
 EXTRA_CONFIG = {
@@ -58,6 +62,18 @@ def exported_accuracy(results: Path, config: dict) -> float:
     return evaluate(model, test, batch_size=64)[0]
 
 
+def export_from_checkpoint(results: Path, scenario: Path, out: Path) -> Path:
+    """What a new ServerApp process exports straight from ``results/checkpoint.npz``: onto a
+    freshly built base model, with no round trained and no adapter activated before."""
+    checkpoint = load_checkpoint(results)
+    plan = plan_run(checkpoint.run_config, scenario)
+    strategy = plan.build_strategy()
+    strategy.load_state_dict(checkpoint.strategy_state)
+    labels = load_splits(plan.settings.data).label_names
+    model, _ = build_model(plan.settings.model, len(labels), plan.settings.seed)
+    return export_global(strategy, AdapterHost(model), checkpoint.state, out / "adapter", {})
+
+
 def test_hetlora_end_to_end(run_scenario, tiny_config):
     proc, results = run_scenario(tiny_config)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -90,7 +106,11 @@ def test_hetlora_end_to_end(run_scenario, tiny_config):
         "fim-hla",
     ],
 )
-def test_strategy_learns_end_to_end(run_scenario, tiny_config, strategy):
+def test_strategy_learns_end_to_end(run_scenario, tiny_config, tmp_path, strategy):
+    """Each method learns through flwr run, and its adapter reloads with plain peft to the
+    accuracy the server measured. Exported again straight from the run's checkpoint in a fresh
+    model (each way a method exports: a plain adapter, FLoRA's deltas merged into one, the
+    largest of HeLoRA-KD's groups), it is the run's adapter bit for bit."""
     config = {
         **tiny_config,
         "strategy": strategy,
@@ -104,6 +124,9 @@ def test_strategy_learns_end_to_end(run_scenario, tiny_config, strategy):
     assert [r["replied"] for r in rounds] == [0, 4, 4]
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.1
     assert exported_accuracy(results, config) == pytest.approx(rounds[-1]["accuracy"])
+    again = tmp_path / "from-checkpoint"
+    export_from_checkpoint(results, tmp_path / "scenario", again)
+    assert_same_adapter(again, results, atol=0)
 
 
 def test_rslora_scaling_end_to_end(run_scenario, tiny_config):

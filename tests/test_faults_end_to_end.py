@@ -1,23 +1,36 @@
-"""Faults through ``flwr run`` and the Simulation Engine: failing clients, kill and resume."""
+"""Faults through ``flwr run`` and the Simulation Engine: failing clients, kill and resume,
+resuming a finished run and resuming with more rounds."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from hetfed.checkpoint import load_checkpoint
 from hetfed.results import read_metrics
-from tests.conftest import write_scenario
+from tests.conftest import TINY_CONFIG, assert_same_adapter, hetfed_run, write_scenario
+
+# The runs that are killed or resumed below, and the uninterrupted run they must end equal to.
+RESUMED_CONFIG = {**TINY_CONFIG, "num-server-rounds": 4, "resume": False}
+
+
+@pytest.fixture(scope="module")
+def whole_run(flower_home, topics_corpus, tmp_path_factory) -> tuple[dict, Path]:
+    """An uninterrupted 4-round run: its config and its results folder."""
+    config = {**RESUMED_CONFIG, "data.source": str(topics_corpus), "results-dir": "whole"}
+    folder = tmp_path_factory.mktemp("whole-run")
+    proc = hetfed_run(flower_home, folder, write_scenario(folder / "scenario", config))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return config, folder / "whole"
 
 
 def test_run_with_30_percent_of_clients_failing_completes_and_learns(run_scenario, tiny_config):
@@ -65,10 +78,6 @@ def test_clients_that_time_out_are_counted_and_the_round_goes_on(run_scenario, t
     assert "this client raises" not in proc.stdout  # late, not failed: only the timeout tells
 
 
-def _adapter(results):
-    return load_file(str(results / "adapter" / "adapter_model.safetensors"))
-
-
 def _kill_server_app(flower_home) -> int:
     """SIGKILL the ServerApp process (``flwr-simulation``) of the SuperLink in ``flower_home``
     and every process it started (Ray and its workers): a run killed mid-flight."""
@@ -98,19 +107,14 @@ def _kill_server_app(flower_home) -> int:
     return killed
 
 
-def test_a_killed_run_resumes_to_the_same_final_adapter(
-    run_scenario, tiny_config, flower_home, tmp_path
-):
+def test_a_killed_run_resumes_to_the_same_final_adapter(whole_run, flower_home, tmp_path):
     """Uninterrupted run vs. the same run whose ServerApp process is killed (SIGKILL, with
     everything it started) after its first checkpoint, then resumed with ``resume = true``:
     the final adapters agree to 1e-6."""
-    config = {**tiny_config, "num-server-rounds": 4, "resume": False}
-    proc, whole = run_scenario({**config, "results-dir": "whole"})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-
+    config, whole = whole_run
     folder = write_scenario(tmp_path / "killed", {**config, "results-dir": "killed"})
     env = {**os.environ, "FLWR_HOME": str(flower_home)}
-    command = [sys.executable, "-m", "hetfed.cli", "run", str(folder)]
+    command = [sys.executable, "-m", "tooling.cli", "run", str(folder)]
     killed = tmp_path / "killed-results"
     with subprocess.Popen(
         [*command, "-c", f"results-dir={json.dumps(str(killed))}"],
@@ -145,8 +149,64 @@ def test_a_killed_run_resumes_to_the_same_final_adapter(
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed_after_round"] == stopped.server_round
     assert [r["round"] for r in read_metrics(killed)] == [0, 1, 2, 3, 4]
-    expected, resumed = _adapter(whole), _adapter(killed)
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        np.testing.assert_allclose(resumed[key], expected[key], rtol=0, atol=1e-6, err_msg=key)
+    assert_same_adapter(killed, whole)
     assert read_metrics(killed)[-1]["accuracy"] == read_metrics(whole)[-1]["accuracy"]
+
+
+RESULT_FILES = ("metrics.jsonl", "accuracy.png", "adapter/adapter_model.safetensors")
+
+
+def test_resuming_a_finished_run_writes_the_same_results_again(whole_run, run_scenario, tmp_path):
+    """``resume = true`` once the run has done all its rounds trains nothing (no node is sent
+    anything) and completes; its summary.json, accuracy.png and adapter/, deleted before, are
+    written again from the checkpoint, equal to what the run wrote (the adapter bit for bit)."""
+    config, whole = whole_run
+    results = shutil.copytree(whole, tmp_path / config["results-dir"])
+    (results / "summary.json").unlink()
+    (results / "accuracy.png").unlink()
+    shutil.rmtree(results / "adapter")
+
+    proc, _ = run_scenario(config, overrides=("resume=true",))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "resuming after round 4" in proc.stdout
+    assert "nothing left to train: round 4 is the last" in proc.stdout
+    assert "configure_train" not in proc.stdout and "budgets:" not in proc.stdout
+    for name in RESULT_FILES:
+        assert (results / name).read_bytes() == (whole / name).read_bytes(), name
+    assert_same_adapter(results, whole, atol=0)
+    hetfed_json = "adapter/hetfed.json"
+    assert (results / hetfed_json).read_bytes() == (whole / hetfed_json).read_bytes()
+    # summary.json: the same but for where it is, that this run resumed, and its seconds (the
+    # checkpoint's, which end at the last round, plus this run's)
+    written = (whole / "summary.json").read_text().replace(str(whole), str(results))
+    expected, summary = json.loads(written), json.loads((results / "summary.json").read_text())
+    assert (expected.pop("resumed_after_round"), summary.pop("resumed_after_round")) == (None, 4)
+    expected.pop("seconds")
+    assert summary.pop("seconds") > load_checkpoint(whole).seconds
+    assert (expected["settings"].pop("resume"), summary["settings"].pop("resume")) == (False, True)
+    assert summary == expected
+
+
+@pytest.mark.slow
+def test_resuming_with_more_rounds_continues_to_the_new_last_round(
+    whole_run, run_scenario, tmp_path
+):
+    """A finished 2-round run resumed with ``num-server-rounds = 4`` trains rounds 3 and 4 only
+    and ends with the adapter of the uninterrupted 4-round run (to 1e-6). (Fewer rounds than the
+    checkpoint holds are refused: tests/test_cli.py.)"""
+    config, whole = whole_run
+    short = {**config, "num-server-rounds": 2}
+    proc, results = run_scenario(short)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    first = read_metrics(results)
+
+    proc, _ = run_scenario(short, overrides=("resume=true", "num-server-rounds=4"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "resuming after round 2" in proc.stdout
+    assert "[ROUND 2/4]" not in proc.stdout and "[ROUND 3/4]" in proc.stdout
+    rounds = read_metrics(results)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4] and rounds[:3] == first
+    summary = json.loads((results / "summary.json").read_text())
+    assert (summary["rounds"], summary["resumed_after_round"]) == (4, 2)
+    assert_same_adapter(results, whole)
+    assert [r["accuracy"] for r in rounds] == [r["accuracy"] for r in read_metrics(whole)]

@@ -10,8 +10,8 @@ import numpy as np
 from hetfed import wire
 from hetfed.config import RunSettings
 from hetfed.profiles import parse_profiles
-from strategies.base import ClientUpdate
 from strategies.flexlora import FlexLoRA
+from strategies.replies import ClientUpdate
 from tests.harness import MODULES, global_state, make, train_round, trained
 
 ALPHA = RunSettings().lora.alpha  # the harness's settings: one alpha, s_k = alpha / r_k

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord
 
-from hetfed import wire
+from hetfed import adapter_state, wire
 from hetfed.adapters import AdapterHost
 from hetfed.config import RunSettings
 from hetfed.data import DataConfig
@@ -24,6 +24,13 @@ from strategies.helora_kd import (
 )
 from tests.conftest import COMMON, TOPICS
 from tests.harness import PROFILES, InProcessGrid, _reply, global_state, trained
+
+
+def state_rank(state):
+    """The one rank of an adapter's LoRA modules."""
+    (rank,) = {a.shape[0] for _, a in adapter_state.split_state(state)[0].values()}
+    return rank
+
 
 MODEL = ModelConfig(name="tiny-random-bert", max_length=32)
 SERVER_SETTINGS = dict(min_train_nodes=1, min_available_nodes=3, seed=3)
@@ -60,7 +67,7 @@ def server() -> ServerModel:
     rng = np.random.default_rng(0)
     public = encode(*topic_texts(rng, 32), tokenizer, MODEL.max_length)
     test = encode(*topic_texts(rng, 16), tokenizer, MODEL.max_length)
-    return ServerModel(settings(), AdapterHost(model), test, public, sorted(TOPICS))
+    return ServerModel(settings(), AdapterHost(model), test, public)
 
 
 def train_round(strategy, state, reply_fn, tiers=("s", "m", "l"), server_round=1):
@@ -117,14 +124,14 @@ def test_mutual_learning_keeps_each_group_and_reduces_the_disagreement(server, m
     assert sorted(groups) == [2, 4, 8]
     # every group is the truncation of one fresh rank-8 adapter
     for r, arrays in groups.items():
-        assert wire.state_rank(arrays) == r
+        assert state_rank(arrays) == r
         for key, value in arrays.items():
-            np.testing.assert_array_equal(value, wire.truncate_state(groups[8], r)[key])
+            np.testing.assert_array_equal(value, adapter_state.truncate_state(groups[8], r)[key])
 
     reply, sent = trained(rng, mutate=shrink)  # one node per tier: each group has one reply
     messages, new = train_round(strategy, state, reply)
     assert {int(m.content[wire.CONFIG][wire.RANK]) for m in messages} == {2, 4, 8}
-    fedavg = join_groups({wire.state_rank(s): s for s in sent.values()})
+    fedavg = join_groups({state_rank(s): s for s in sent.values()})
 
     # the distillation leaves every group's structure as it was
     assert set(new) == set(state)
@@ -153,7 +160,7 @@ def test_mutual_learning_keeps_each_group_and_reduces_the_disagreement(server, m
 def test_each_group_is_fedavg_of_its_own_clients_and_silent_groups_are_kept():
     rng = np.random.default_rng(2)
     base = global_state(rng, rank=8)
-    state = join_groups({r: wire.truncate_state(base, r) for r in (2, 4, 8)})
+    state = join_groups({r: adapter_state.truncate_state(base, r) for r in (2, 4, 8)})
     for r in (2, 4):  # groups differ from one another
         state[group_prefix(r) + "classifier.bias"] = rng.normal(size=3).astype(np.float32)
     strategy = HeLoRAKD(settings(min_available_nodes=5), PROFILES, HeLoRAKDOptions(epochs=0))
@@ -185,7 +192,7 @@ def test_a_missing_public_split_is_a_config_error(server):
         HeLoRAKD(RunSettings(), PROFILES, HeLoRAKDOptions())
     assert err.value.key == "data.server-examples" and ">= 1" in str(err.value)
     strategy = HeLoRAKD(settings(), PROFILES, HeLoRAKDOptions())
-    no_public = ServerModel(server.settings, server.host, server.test, None, server.label_names)
+    no_public = ServerModel(server.settings, server.host, server.test, None)
     with pytest.raises(ConfigError, match="helora-kd needs >= 1") as err:
         strategy.bind(no_public)
     assert err.value.key == "data.server-examples"

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from hetfed.adapters import AdapterHost, LoraSpec
-from hetfed.cli import main
 from hetfed.data import DataConfig, load_splits
 from hetfed.errors import ConfigError
 from hetfed.instructions import IGNORE, answer_ids, encode_instructions, end_token_id
@@ -22,6 +21,7 @@ from hetfed.models import (
 from hetfed.run_plan import plan_run
 from hetfed.training import Encoded, TrainConfig, encode_for_task, evaluate, train_steps
 from tests.conftest import REPO, TINY_PROFILES
+from tooling.cli import main
 
 TINY_LLAMA = ModelConfig(name="tiny-random-llama", task="instruction", max_length=40)
 LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from hetfed.adapter_state import layer_of
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.layer_allocation import (
     BOTTLENECK_12,
@@ -19,7 +20,6 @@ from hetfed.layer_allocation import (
     sample_layers,
 )
 from hetfed.models import ModelConfig, build_classifier
-from hetfed.wire import layer_of
 
 # ------------------------------------------------------------------------------------------
 # patterns

@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from hetfed import wire
+from hetfed import adapter_state, wire
 from hetfed.adapters import AdapterHost
 from hetfed.config import LoraSettings, RunSettings, parse_run_config
 from hetfed.data import DataConfig
@@ -70,9 +70,9 @@ def trained(rng, n_examples=None, rank_override=None, extra_layers=False):
     def reply(node, rank, arrays, layers):
         r = rank_override(node, rank) if rank_override else rank
         new = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in arrays.items()}
-        new = wire.truncate_state(new, r)
+        new = adapter_state.truncate_state(new, r)
         if layers is not None and not extra_layers:
-            new = wire.restrict_to_layers(new, layers)
+            new = adapter_state.restrict_to_layers(new, layers)
         sent[node] = new
         examples = n_examples[node] if n_examples else 10
         metrics = MetricRecord({wire.NUM_EXAMPLES: examples, wire.RANK: r, wire.TRAIN_LOSS: 1.0})
@@ -173,7 +173,7 @@ def test_layers_are_averaged_over_exactly_their_clients_and_untrained_ones_kept(
     trainers = {layer: [k for k in sorted(layers) if layer in layers[k]] for layer in range(3)}
     assert [len(trainers[layer]) for layer in range(3)] == [2, 1, 0]
     for module in AGG_MODULES:
-        clients = trainers[wire.layer_of(module)]
+        clients = trainers[adapter_state.layer_of(module)]
         for factor in "AB":
             key = lora_key(module, factor)
             assert all((key in sent[k]) == (k in clients) for k in sent)
@@ -201,7 +201,9 @@ def test_replies_with_other_layers_than_assigned_are_rejected(fault):
             return good(node, rank, arrays, layers)
         other = [(layers[0] + 1) % 3]  # a layer it was not assigned
         new = {k: np.ones_like(v) for k, v in arrays.items()}
-        new = wire.restrict_to_layers(new, layers + other if fault == "extra-layers" else other)
+        new = adapter_state.restrict_to_layers(
+            new, layers + other if fault == "extra-layers" else other
+        )
         metrics = MetricRecord({wire.NUM_EXAMPLES: 10, wire.RANK: rank, wire.TRAIN_LOSS: 1.0})
         return RecordDict({wire.ARRAYS: wire.to_record(new), wire.METRICS: metrics})
 
@@ -255,12 +257,12 @@ def test_hetlora_ranks_truncate_per_tier_and_aggregate_per_layer_by_sparsity():
         assert float(msg.content[wire.CONFIG][wire.PRUNE_GAMMA]) == 0.99
         for key in (lora_key(MODULES[0], "A"), lora_key(MODULES[2], "A")):
             np.testing.assert_array_equal(arrays[key], state[key][: ranks[node]])
-        assert set(sent[node]) == set(wire.restrict_to_layers(state, layers[node]))
+        assert set(sent[node]) == set(adapter_state.restrict_to_layers(state, layers[node]))
     assert len(layers[1000]) == len(layers[1001]) == 1
     for layer in (0, 1):
-        modules = [m for m in MODULES if wire.layer_of(m) == layer]
+        modules = [m for m in MODULES if adapter_state.layer_of(m) == layer]
         clients = [k for k in sorted(sent) if layer in layers[k]]
-        pairs = [wire.split_state(sent[k])[0] for k in clients]
+        pairs = [adapter_state.split_state(sent[k])[0] for k in clients]
         s = np.array(
             [np.sqrt(sum(np.linalg.norm(p[m][0] @ p[m][1]) ** 2 for m in modules)) for p in pairs]
         )
@@ -328,7 +330,7 @@ def server() -> ServerModel:
     public = encode(*topic_texts(rng, EXAMPLES + 4), tokenizer, MODEL.max_length)
     test = encode(*topic_texts(rng, 8), tokenizer, MODEL.max_length)
     settings = RunSettings(model=MODEL, data=DataConfig(server_examples=EXAMPLES + 4))
-    return ServerModel(settings, AdapterHost(model), test, public, sorted(TOPICS))
+    return ServerModel(settings, AdapterHost(model), test, public)
 
 
 def reference_scores(server, spec, state):
@@ -352,7 +354,7 @@ def reference_scores(server, spec, state):
         model.zero_grad()
     scores = np.zeros(2)
     for n, total in squares.items():
-        scores[wire.layer_of(n)] += float(torch.linalg.norm(total / EXAMPLES))
+        scores[adapter_state.layer_of(n)] += float(torch.linalg.norm(total / EXAMPLES))
     return scores
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from hetfed import wire
+from hetfed import adapter_state
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.errors import ConfigError
 from hetfed.models import TextClassifier
@@ -45,10 +45,10 @@ def test_layer_budgets_in_profiles():
 
 
 def test_layer_of_matches_the_exact_index():
-    assert wire.layer_of("m.encoder.layer.1.attention.self.query") == 1
-    assert wire.layer_of("m.encoder.layer.10.attention.self.query") == 10
-    assert wire.layer_of("model.layers.11.self_attn.q_proj") == 11
-    assert wire.layer_of("m.classifier") is None
+    assert adapter_state.layer_of("m.encoder.layer.1.attention.self.query") == 1
+    assert adapter_state.layer_of("m.encoder.layer.10.attention.self.query") == 10
+    assert adapter_state.layer_of("model.layers.11.self_attn.q_proj") == 11
+    assert adapter_state.layer_of("m.classifier") is None
 
 
 def test_training_touches_exactly_the_assigned_layers():
@@ -67,7 +67,7 @@ def test_training_touches_exactly_the_assigned_layers():
     assert lora_trainable and all(".layer.1." in n for n in lora_trainable)
     after = host.get_state(SPEC)
     for key in state:
-        module_layer = wire.layer_of(key)
+        module_layer = adapter_state.layer_of(key)
         changed = not np.array_equal(after[key], state[key])
         if module_layer is None:
             assert changed  # the head always trains
@@ -85,7 +85,7 @@ def test_restrict_to_layers_keeps_the_head_and_the_named_blocks():
         "e.layer.11.q.lora_B.weight": np.ones((3, 2)),
         "classifier.weight": np.ones((2, 3)),
     }
-    kept = wire.restrict_to_layers(state, [1])
+    kept = adapter_state.restrict_to_layers(state, [1])
     assert sorted(kept) == [
         "classifier.weight",
         "e.layer.1.q.lora_A.weight",

@@ -15,9 +15,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from hetfed import wire
+from hetfed import adapter_state, wire
 from hetfed.adapters import AdapterHost, LoraSpec
-from hetfed.cli import main
 from hetfed.data import DataConfig, load_splits
 from hetfed.errors import ConfigError
 from hetfed.models import ModelConfig, build_classifier
@@ -28,6 +27,7 @@ from tests.conftest import REPO
 from tests.harness import global_state, make, train_round, trained
 from tests.test_end_to_end import exported_accuracy
 from tests.test_layers_core import SPEC, twelve_layer_host
+from tooling.cli import main
 
 EXAMPLE = REPO / "examples" / "hetfed-ffa-lora"
 PACKAGE = "hetfed-ffa-lora"
@@ -41,7 +41,7 @@ def test_frozen_a_is_bit_identical_after_local_training_and_b_trains():
         torch.randint(1, 50, (8, 6)), torch.ones(8, 6, dtype=torch.long), torch.randint(0, 3, (8,))
     )
     model = host.set_state(SPEC, state)
-    with host.train_only_layers(SPEC, [0, 1]), host.frozen_factors(SPEC, [wire.LORA_A]):
+    with host.train_only_layers(SPEC, [0, 1]), host.frozen_factors(SPEC, [adapter_state.LORA_A]):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
         train_steps(model, data, TrainConfig(local_steps=3, lr=0.05), seed=0)
     assert trainable and all("lora_B" in n for n in trainable)
@@ -50,7 +50,7 @@ def test_frozen_a_is_bit_identical_after_local_training_and_b_trains():
     for key, before in state.items():
         if key.endswith(".lora_A.weight"):
             assert after[key].tobytes() == before.tobytes(), key  # bit for bit
-        elif wire.layer_of(key) in (0, 1, None):  # B of the trained blocks, and the head
+        elif adapter_state.layer_of(key) in (0, 1, None):  # B of the trained blocks, and the head
             assert not np.array_equal(after[key], before), key
     # every factor is trainable again for the next client of this process
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
@@ -106,17 +106,17 @@ def test_ffa_lora_keeps_a_and_averages_b(ffa_lora, aggregation, rejected):
     messages, new = train_round(strategy, state, reply)
     for msg in messages:
         config = msg.content[wire.CONFIG]
-        assert list(config[wire.FROZEN]) == [wire.LORA_A]
+        assert list(config[wire.FROZEN]) == [adapter_state.LORA_A]
         # one scaling s = alpha / r_max for every rank: alpha_k = 16 r_k / 8
         assert config[wire.LORA_ALPHA] == 16.0 * config[wire.RANK] / 8
     used = [node for node in sorted(sent) if node != rejected]
     total = sum(examples[node] for node in used)
     weights = [examples[node] / total for node in used]
-    global_pairs, global_head = wire.split_state(state)
-    new_pairs, new_head = wire.split_state(new)
+    global_pairs, global_head = adapter_state.split_state(state)
+    new_pairs, new_head = adapter_state.split_state(new)
     for module, (b, a) in global_pairs.items():
         assert new_pairs[module][1].tobytes() == a.tobytes()  # A bit for bit
-        replies = [wire.split_state(sent[node])[0][module][0] for node in used]
+        replies = [adapter_state.split_state(sent[node])[0][module][0] for node in used]
         want = expected_b(b, replies, weights, aggregation == "per-rank-index")
         np.testing.assert_allclose(new_pairs[module][0], want, rtol=0, atol=1e-6)
     head = sum(w * sent[node]["classifier.bias"] for w, node in zip(weights, used, strict=True))
@@ -164,15 +164,15 @@ def _listed(stdout: str) -> dict[str, str]:
 
 def test_installed_plugin_is_listed_and_checked_and_gone_after_uninstall():
     with plugin_installed():
-        proc = _run("hetfed.cli", "strategies")
+        proc = _run("tooling.cli", "strategies")
         assert proc.returncode == 0, proc.stderr
         line = _listed(proc.stdout)["ffa-lora"]
         assert "hetfed_ffa_lora.ffa_lora:FFALoRA" in line and PACKAGE in line
         assert "BROKEN" not in proc.stdout
-        proc = _run("hetfed.cli", "check", str(EXAMPLE / "scenario"))
+        proc = _run("tooling.cli", "check", str(EXAMPLE / "scenario"))
         assert proc.returncode == 0, proc.stderr
         assert "ok: strategy ffa-lora" in proc.stdout
-    proc = _run("hetfed.cli", "strategies")
+    proc = _run("tooling.cli", "strategies")
     assert proc.returncode == 0, proc.stderr
     assert "ffa-lora" not in proc.stdout and "hetlora" in _listed(proc.stdout)
 

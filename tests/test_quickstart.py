@@ -24,7 +24,7 @@ def test_quickstart_reaches_target_accuracy_and_writes_results(flower_home, tmp_
     env = {**os.environ, "FLWR_HOME": str(flower_home)}
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "hetfed.cli", "run", str(REPO / "scenarios" / "quickstart")],
+        [sys.executable, "-m", "tooling.cli", "run", str(REPO / "scenarios" / "quickstart")],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hetfed import wire
+from hetfed import adapter_state, wire
 from hetfed.config import parse_run_config
 from hetfed.errors import ConfigError
 from hetfed.profiles import parse_profiles
@@ -37,7 +37,7 @@ def uniform_rank(strategy):
 
 def pairs_of(sent):
     """Each node's reply as {module: (B, A)}, nodes in id order."""
-    return {n: wire.split_state(sent[n])[0] for n in sorted(sent)}
+    return {n: adapter_state.split_state(sent[n])[0] for n in sorted(sent)}
 
 
 def pad_by_definition(b, a, rank, filler):
@@ -197,7 +197,7 @@ def test_helora_pad_single_client_aggregate_is_its_padded_reply(filler, node):
     assert strategy.stats[1].replied == 1
     r = RANKS[node]
     for m in MODULES:
-        b, a = wire.split_state(sent[node])[0][m]
+        b, a = adapter_state.split_state(sent[node])[0][m]
         b_new, a_new = new[f"{m}.lora_B.weight"], new[f"{m}.lora_A.weight"]
         assert b_new.shape == (b.shape[0], 8) and a_new.shape == (8, a.shape[1])
         np.testing.assert_allclose(b_new[:, :r], b, rtol=1e-6)

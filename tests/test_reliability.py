@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from client_apps.lora_client import injected_fault
-from hetfed import wire
+from hetfed import adapter_state, wire
 from hetfed.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
@@ -24,6 +23,7 @@ from hetfed.checkpoint import (
 )
 from hetfed.config import FaultSettings, RunSettings
 from hetfed.errors import ConfigError
+from hetfed.faults import injected_fault
 from strategies.hetlora import HetLoRA, HetLoRAOptions
 from strategies.zeropad import ZeroPad
 from tests.harness import PROFILES, InProcessGrid, _reply, global_state
@@ -237,11 +237,14 @@ def test_two_nodes_claiming_one_client_id_keep_the_first(caplog):
 
 def test_checkpoint_round_trip_and_atomic_replace(tmp_path, monkeypatch):
     state = global_state(np.random.default_rng(7))
-    first = Checkpoint(2, state, "hetlora", {"ranks": {"3": 4}}, [{"round": 0}], 1.5, {"seed": 1})
+    first = Checkpoint(
+        2, state, "hetlora", {"ranks": {"3": 4}}, [{"round": 0}], 1.5, {"seed": 1}, {"3": "m"}
+    )
     save_checkpoint(tmp_path, first)
     loaded = load_checkpoint(tmp_path)
     assert loaded.server_round == 2 and loaded.strategy_state == {"ranks": {"3": 4}}
     assert loaded.records == [{"round": 0}] and loaded.run_config == {"seed": 1}
+    assert loaded.node_budgets == {"3": "m"}
     assert_same_state(loaded.state, state)
     for key in state:
         assert loaded.state[key].dtype == state[key].dtype
@@ -276,7 +279,7 @@ def test_resumed_rounds_equal_uninterrupted_rounds_under_new_node_ids(tmp_path):
         reply = trainer()(client, msg)
         config = msg.content[wire.CONFIG]
         if client == 1 and int(config[wire.SERVER_ROUND]) >= 2 and int(config[wire.RANK]) == 4:
-            arrays = wire.truncate_state(wire.from_record(reply[wire.ARRAYS]), 2)
+            arrays = adapter_state.truncate_state(wire.from_record(reply[wire.ARRAYS]), 2)
             reply[wire.ARRAYS] = wire.to_record(arrays)
             reply[wire.METRICS][wire.RANK] = 2
         return reply

@@ -180,6 +180,8 @@ def test_scaling_options_are_checked():
 
 def _train_message(rank, alpha, rslora, scaling):
     config = {
+        wire.SERVER_ROUND: 1,
+        wire.SEED: 0,
         wire.RANK: rank,
         wire.LORA_ALPHA: alpha,
         wire.LORA_RSLORA: rslora,

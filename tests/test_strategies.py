@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from hetfed import adapter_state, wire
 from hetfed import lora_algebra as la
-from hetfed import wire
+from hetfed.rank_pruning import pruned_rank
 from strategies.fedit import FedIT, FedITOptions
-from strategies.hetlora import HetLoRA, HetLoRAOptions, pruned_rank
+from strategies.hetlora import HetLoRA, HetLoRAOptions
 from tests.harness import D_OUT, MODULES, global_state, make, train_round, trained
 
 
@@ -35,7 +36,7 @@ def test_hetlora_aggregate_is_sparsity_weighted_sum_of_zero_padded_factors():
     reply, sent = trained(rng, n_examples={1000: 5, 1001: 50, 1002: 500})
     _, new = train_round(strategy, state, reply)
     nodes = sorted(sent)
-    pairs = [wire.split_state(sent[n])[0] for n in nodes]
+    pairs = [adapter_state.split_state(sent[n])[0] for n in nodes]
     s = np.array(
         [np.sqrt(sum(np.linalg.norm(p[m][0] @ p[m][1]) ** 2 for m in MODULES)) for p in pairs]
     )
@@ -59,7 +60,7 @@ def test_hetlora_per_module_and_uniform_weighting():
         strategy = make(HetLoRA, HetLoRAOptions(weighting=weighting), rescale=False)
         reply, sent = trained(rng)
         _, new = train_round(strategy, state, reply)
-        pairs = [wire.split_state(sent[n])[0] for n in sorted(sent)]
+        pairs = [adapter_state.split_state(sent[n])[0] for n in sorted(sent)]
         m = MODULES[1]
         s = np.array([la.product_frobenius_norm(*p[m]) for p in pairs])
         w = s / s.sum() if weighting != "uniform" else np.full(3, 1 / 3)

@@ -11,15 +11,15 @@ import tomllib
 import pytest
 
 from hetfed.errors import ConfigError
-from hetfed.stats import mean_interval, paired_difference
-from hetfed.sweep import (
+from tests.conftest import write_scenario
+from tooling.stats import mean_interval, paired_difference
+from tooling.sweep import (
     comparison_rows,
     load_sweep,
     run_sweep,
     write_comparison,
     write_variant,
 )
-from tests.conftest import write_scenario
 
 
 def test_variant_sets_keys_the_scenario_does_not_name(tmp_path, tiny_config):

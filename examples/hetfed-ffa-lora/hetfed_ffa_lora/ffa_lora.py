@@ -22,16 +22,14 @@ sum_k p_k s B_k A = s (sum_k p_k B_k) A, without FedIT's cross terms.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
-from hetfed import lora_algebra as la
-from hetfed import wire
+from hetfed import adapter_state, wire
+from hetfed.adapter_state import LoraPairs
+from hetfed.aggregation import padded_weighted_sum, per_index_average
 from hetfed.errors import ConfigError
-from hetfed.wire import LoraPairs
-from strategies.base import ClientUpdate, LoRAStrategy
-from strategies.rbla import average_rank_indices
-from strategies.zeropad import pad_and_sum
+from strategies.base import LoRAStrategy
+from strategies.replies import ClientUpdate
 
 AGGREGATIONS = ("per-rank-index", "zero-pad")
 
@@ -72,10 +70,10 @@ def aggregate_b(
     With one rank for every client both are FedAvg of B, the paper's rule.
     """
     if per_rank_index:
-        averaged = average_rank_indices(replies, global_lora, weights)
+        averaged = per_index_average(replies, global_lora, weights)
     else:
         rank = next(iter(global_lora.values()))[1].shape[0]
-        averaged = pad_and_sum(replies, global_lora, rank, weights)
+        averaged = padded_weighted_sum(replies, global_lora, rank, weights)
     # A: the global factor itself, not the (equal up to rounding) average of the replies' copies
     return {module: (b, global_lora[module][1]) for module, (b, _) in averaged.items()}
 
@@ -90,12 +88,14 @@ class FFALoRA(LoRAStrategy):
     def client_alpha(self, rank: int) -> float:
         return self.settings.lora.alpha * rank / self.global_rank()
 
-    def client_config(self, server_round: int, client_id: int) -> dict[str, Any]:
-        return {wire.FROZEN: [wire.LORA_A]}
+    def client_instruction(
+        self, server_round: int, client_id: int, instruction: wire.TrainInstruction
+    ) -> wire.TrainInstruction:
+        return replace(instruction, frozen=(adapter_state.LORA_A,))
 
     def aggregate_lora(
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
     ) -> LoraPairs:
-        weights = la.normalize_weights([u.num_examples for u in updates])
+        weights = self.policy_weights(updates)  # p_k
         per_rank_index = self.options.aggregation == "per-rank-index"
         return aggregate_b([u.lora for u in updates], global_lora, weights, per_rank_index)

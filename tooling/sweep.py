@@ -14,7 +14,7 @@ Each run is a real Flower run of a copy of the scenario whose config has the run
 run may set options of its own strategy that the scenario does not name) and the seed. Results
 go to ``<out>/<run>-seed<seed>/``; a run whose ``summary.json`` exists is not redone. At the end
 the sweep writes ``comparison.csv`` (a row per run and seed), ``summary.csv`` and
-``comparison.md`` (per run, the mean and 95% interval over the seeds, :mod:`hetfed.stats`, and
+``comparison.md`` (per run, the mean and 95% interval over the seeds, :mod:`tooling.stats`, and
 the paired differences to the baseline) and ``accuracy.png``/``loss.png`` (the mean per round,
 the interval shaded).
 """
@@ -22,22 +22,18 @@ the interval shaded).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
-import shutil
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 import yaml
-from flwr.common.config import flatten_dict, unflatten_dict
 
 from hetfed.errors import ConfigError
 from hetfed.results import read_metrics
-from hetfed.stats import Interval, mean_interval, paired_difference
+from tooling.scenarios import run, write_variant
+from tooling.stats import Interval, mean_interval, paired_difference
 
 SWEEP_KEYS = ("scenario", "seeds", "target-accuracy", "baseline", "runs")
 
@@ -83,27 +79,9 @@ def load_sweep(path: str | Path) -> Sweep:
     return Sweep(scenario, runs, tuple(seeds), target, baseline)
 
 
-def write_variant(scenario: Path, folder: Path, keys: dict[str, Any]) -> Path:
-    """A copy of ``scenario`` in ``folder`` whose run config has ``keys`` set."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.copytree(scenario, folder, ignore=shutil.ignore_patterns("results", ".*"))
-    doc = tomllib.loads((scenario / "pyproject.toml").read_text(encoding="utf-8"))
-    app = doc["tool"]["flwr"]["app"]
-    config = flatten_dict(app.get("config", {}))
-    config.update(keys)
-    app["config"] = unflatten_dict(config)
-    # Flower app names: a letter first, letters, digits and hyphens, at most 32 characters.
-    digest = hashlib.sha1(str(folder).encode()).hexdigest()[:12]
-    doc["project"]["name"] = f"hetfed-sweep-{digest}"
-    (folder / "pyproject.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
-    return folder
-
-
 def run_sweep(sweep: Sweep, out: str | Path) -> list[dict[str, Any]]:
-    """Run every (run, seed) not finished yet, then write the comparison files."""
-    from hetfed.cli import run as run_scenario  # the same path as `hetfed run`
-
+    """Run every (run, seed) not finished yet (as ``hetfed run`` does), then write the
+    comparison files."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(name, seed) for name in sweep.runs for seed in sweep.seeds]
@@ -116,7 +94,7 @@ def run_sweep(sweep: Sweep, out: str | Path) -> list[dict[str, Any]]:
         keys = {**sweep.runs[name], "seed": seed, "results-dir": str(folder)}
         scenario = write_variant(sweep.scenario, folder / "scenario", keys)
         try:
-            code = run_scenario(scenario, [])
+            code = run(scenario, [])
         except Exception as err:  # a failed run is a row of the table, not the end of the sweep
             print(f"[sweep] {folder.name} failed: {err}")
             code = 1
@@ -191,7 +169,7 @@ def seed_values(rows: list[dict[str, Any]], run: str, metric: str) -> dict[int, 
 
 
 def summary_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any]]:
-    """Per run: each figure's :class:`~hetfed.stats.Interval` over the seeds, and with a
+    """Per run: each figure's :class:`~tooling.stats.Interval` over the seeds, and with a
     baseline, the paired difference to it of :data:`PAIRED` (same seeds)."""
     summaries = []
     for name in sweep.runs:
@@ -322,3 +300,25 @@ def plot_rounds(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def results_table(folders: list[str | Path]) -> str:
+    """A Markdown table comparing finished runs (one row per results folder; ``hetfed table``)."""
+    rows = [
+        "| run | strategy | final acc. | best acc. | MB down | MB up | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for folder in folders:
+        path = Path(folder) / "summary.json"
+        if not path.is_file():
+            rows.append(
+                f"| {Path(folder).name} | (no summary.json: failed or unfinished) | | | | | |"
+            )
+            continue
+        s = json.loads(path.read_text(encoding="utf-8"))
+        rows.append(
+            f"| {Path(folder).name} | {s['strategy'].split(':')[0]} | {s['final_accuracy']:.4f} "
+            f"| {s['best_accuracy']:.4f} | {s['bytes_down'] / 1e6:.1f} | {s['bytes_up'] / 1e6:.1f}"
+            f" | {s['seconds']:.0f} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,272 @@
+"""``hetfed bench``: run the chosen items, print their tables, write the JSON after each item."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import flwr
+import numpy as np
+import torch
+
+from tooling import scenarios
+from tooling.bench.aggregation import (
+    LLAMA_7B_BLOCK,
+    QUICK_7B_BLOCK,
+    QUICK_SMOLLM2_BLOCK,
+    SMOLLM2_135M_BLOCK,
+    SMOLLM2_135M_LAYERS,
+    flexlora_large,
+    server_aggregation,
+)
+from tooling.bench.client_throughput import client_throughput
+from tooling.bench.common import DEFAULT_OUT, QUICK_WORKLOAD, QUICKSTART, WORKLOAD, quiet_flower
+from tooling.bench.overhead import framework_overhead
+from tooling.bench.server_memory import server_memory
+
+ITEMS = (1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each item is: the issue's sizes, or tiny ones (``--quick``)."""
+
+    workload: dict[str, Any] = field(default_factory=lambda: WORKLOAD)  # scenario variant
+    client_updates: int = 20  # item 1: calls per variant
+    overhead_rounds: int = 3  # item 2
+    aggregation_clients: int = 100  # item 3
+    aggregation_ranks: tuple[int, ...] = (4, 8, 16, 32, 64)
+    aggregation_block: dict[str, tuple[int, int]] = field(
+        default_factory=lambda: SMOLLM2_135M_BLOCK
+    )
+    aggregation_layers: int = SMOLLM2_135M_LAYERS
+    large_clients: int = 100
+    large_ranks: tuple[int, ...] = (4, 8, 16)
+    large_block: dict[str, tuple[int, int]] = field(default_factory=lambda: LLAMA_7B_BLOCK)
+    populations: tuple[int, ...] = (500, 5000)  # item 4
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    workload=QUICK_WORKLOAD,
+    client_updates=4,
+    overhead_rounds=2,
+    aggregation_clients=8,
+    aggregation_ranks=(2, 4, 8),
+    aggregation_block=QUICK_SMOLLM2_BLOCK,
+    aggregation_layers=2,
+    large_clients=8,
+    large_block=QUICK_7B_BLOCK,
+    populations=(20, 200),
+)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "flwr": flwr.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(
+            (line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line),
+            None,
+        )
+        meminfo = Path("/proc/meminfo").read_text().split()
+        info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
+    return info
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _mib(value: float) -> float:
+    return value / 2**20
+
+
+def report(results: dict[str, Any]) -> str:
+    """The measured items as Markdown tables with their ratios."""
+    parts = []
+    if "client_throughput" in results:
+        item = results["client_throughput"]
+        rows = [
+            (
+                name,
+                v["updates"],
+                v["seconds"],
+                v["updates_per_second"],
+                v["first_update_seconds"],
+                v["later_update_seconds"],
+                _mib(v["peak_rss_bytes"]),
+            )
+            for name, v in item["variants"].items()
+        ]
+        parts.append(
+            "## 1. Client updates per second\n\n"
+            + _table(
+                (
+                    "variant",
+                    "updates",
+                    "s",
+                    "updates/s",
+                    "1st update s",
+                    "later update s",
+                    "peak RSS MiB",
+                ),
+                rows,
+            )
+            + f"\n\nspeedup hetfed/naive {item['speedup']:.2f}x (target >= 2); peak RSS "
+            f"naive/hetfed {item['peak_rss_ratio_naive_over_hetfed']:.2f}x; max train-loss "
+            f"difference {item['max_train_loss_difference']:.2g}"
+        )
+    if "framework_overhead" in results:
+        item = results["framework_overhead"]
+        rows = [
+            (r["round"], r["clients"], r["train_seconds"], r["plain_steps_seconds"], r["ratio"])
+            for r in item["rounds"]
+        ]
+        ratio = item["ratio"]
+        later = "n/a" if ratio["rounds_2_on"] is None else f"{ratio['rounds_2_on']:.3f}"
+        parts.append(
+            "## 2. Framework overhead\n\n"
+            + _table(("round", "clients", "train_seconds", "plain steps s", "ratio"), rows)
+            + f"\n\nratio all rounds {ratio['all_rounds']:.3f}, rounds 2.. {later} "
+            "(target <= 1.15)"
+        )
+    if "server_aggregation" in results:
+        item = results["server_aggregation"]
+        rows = [
+            (
+                r["strategy"],
+                r["clients"],
+                f"{r['ranks'][0]}..{r['ranks'][1]}",
+                _mib(r["reply_bytes"]),
+                r["seconds"],
+                _mib(r["peak_bytes"]),
+                r["note"],
+            )
+            for r in item["strategies"]
+        ]
+        parts.append(
+            f"## 3a. Server aggregation ({item['layers']} blocks x {len(item['block'])} "
+            f"modules)\n\n"
+            + _table(("strategy", "clients", "ranks", "replies MiB", "s", "peak MiB", "note"), rows)
+        )
+    if "flexlora_large" in results:
+        item = results["flexlora_large"]
+        rows = [
+            (
+                r["module"],
+                "x".join(map(str, r["shape"])),
+                r["factored_seconds"],
+                _mib(r["factored_peak_bytes"]),
+                r.get("dense_seconds", "-"),
+                _mib(r["dense_peak_bytes"]) if "dense_peak_bytes" in r else "-",
+            )
+            for r in item["modules"]
+        ]
+        parts.append(
+            f"## 3b. FlexLoRA, one block, {item['clients']} clients, ranks {item['ranks']}\n\n"
+            + _table(
+                ("module", "shape", "factored s", "factored MiB", "dense s", "dense MiB"), rows
+            )
+            + f"\n\non {', '.join(item['dense_modules'])}: speedup {item['speedup']:.1f}x "
+            f"(target >= 10), peak memory dense/factored {item['memory_ratio']:.1f}x; "
+            f"max singular-value difference {item['max_singular_value_difference']:.2g}"
+        )
+    if "server_memory" in results:
+        item = results["server_memory"]
+        rows = [
+            (r["clients"], r["strategy_bytes"], r["registration_seconds"])
+            for r in item["populations"]
+        ]
+        parts.append(
+            "## 4. Server memory per registered client\n\n"
+            + _table(("clients", "strategy bytes", "registration s"), rows)
+            + f"\n\n{item['bytes_per_client']:.0f} bytes per client (target < 1024)"
+        )
+    return "\n\n".join(parts)
+
+
+def run_bench(
+    items: Iterable[int] = ITEMS,
+    quick: bool = False,
+    out: str | Path = DEFAULT_OUT,
+    scenario: str | Path = QUICKSTART,
+    dense_modules: str = "per-shape",
+    cpus: int = 1,
+) -> dict[str, Any]:
+    """Run the chosen items in order, print their tables, write the JSON after each item."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sizes = QUICK if quick else FULL
+    base = scenario
+    scenario = scenarios.write_variant(base, out.parent / "scenario", sizes.workload)
+    results: dict[str, Any] = {
+        "command": " ".join(["hetfed", *sys.argv[1:]]),
+        "quick": quick,
+        "machine": machine(),
+        "scenario": {"base": str(base), "run_config": sizes.workload},
+    }
+    steps: dict[int, list[tuple[str, Callable[[], dict[str, Any]]]]] = {
+        1: [
+            (
+                "client_throughput",
+                lambda: client_throughput(scenario, sizes.client_updates),
+            )
+        ],
+        2: [
+            (
+                "framework_overhead",
+                lambda: framework_overhead(
+                    scenario, sizes.overhead_rounds, cpus, out.parent / "overhead"
+                ),
+            )
+        ],
+        3: [
+            (
+                "server_aggregation",
+                lambda: server_aggregation(
+                    sizes.aggregation_clients,
+                    sizes.aggregation_ranks,
+                    sizes.aggregation_block,
+                    sizes.aggregation_layers,
+                ),
+            ),
+            (
+                "flexlora_large",
+                lambda: flexlora_large(
+                    sizes.large_clients, sizes.large_ranks, sizes.large_block, dense_modules
+                ),
+            ),
+        ],
+        4: [("server_memory", lambda: server_memory(scenario, sizes.populations))],
+    }
+    for item in sorted(set(items)):
+        for key, measure in steps[item]:
+            print(f"hetfed bench: measuring {key} ...", file=sys.stderr, flush=True)
+            with quiet_flower():
+                results[key] = measure()
+            out.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+    print(f"\nhetfed bench: results in {out}", file=sys.stderr)
+    return results

@@ -1,0 +1,123 @@
+"""The ``hetfed`` command: arguments only; the work is done by the modules each subcommand names.
+
+- ``hetfed strategies``: every registered strategy (name, class, package, one-line description;
+  a plugin that cannot be used is listed with the reason), :mod:`hetfed.registry`.
+- ``hetfed check scenarios/NAME [-c KEY=VALUE ...]``: validate a scenario without running it.
+- ``hetfed run scenarios/NAME [-c KEY=VALUE ...]``: ``flwr run`` it offline on the local
+  Simulation Engine with the scenario's ``[tool.hetfed.simulation]`` settings, stream its log,
+  and exit non-zero unless the run's status is ``finished:completed`` (:mod:`tooling.scenarios`).
+- ``hetfed table RESULTS_DIR ...``: a Markdown table comparing finished runs.
+- ``hetfed sweep SWEEP.yaml [--out DIR]``: run a scenario over strategies, options and seeds
+  (:mod:`tooling.sweep`), skipping finished runs, and write the comparison tables and plots.
+- ``hetfed bench [--quick] [--items 1,2,3,4] [--out FILE]``: measure the cost model (client
+  updates/s, framework overhead, server aggregation, server memory per client;
+  :mod:`tooling.bench`), print tables and write JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hetfed.errors import HetfedError
+
+
+def _bench_items(text: str) -> tuple[int, ...]:
+    items = tuple(sorted({int(i) for i in text.split(",") if i.strip()}))
+    if not items or not set(items) <= {1, 2, 3, 4}:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated items among 1, 2, 3, 4")
+    return items
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hetfed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("strategies", help="list the registered strategies")
+    for name, text in (
+        ("check", "validate a scenario without running it"),
+        ("run", "run a scenario offline and check its final status"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("scenario", help="a scenario folder, e.g. scenarios/quickstart")
+        cmd.add_argument(
+            "-c",
+            "--run-config",
+            action="append",
+            default=[],
+            help="override, e.g. -c 'num-server-rounds=3' (repeatable)",
+        )
+    sweep = sub.add_parser("sweep", help="run a scenario over strategies/options/seeds")
+    sweep.add_argument("file", help="a sweep YAML file")
+    sweep.add_argument("--out", help="results folder (default: results/<sweep file name>)")
+    table = sub.add_parser("table", help="compare finished runs in a Markdown table")
+    table.add_argument("results", nargs="+", help="results folders (with summary.json)")
+    bench = sub.add_parser("bench", help="measure the cost model (see docs/benchmarks.md)")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery")
+    bench.add_argument(
+        "--items",
+        type=_bench_items,
+        default=(1, 2, 3, 4),
+        help="comma-separated items: 1 client updates/s, 2 framework overhead, "
+        "3 server aggregation, 4 server memory per client (default: all)",
+    )
+    bench.add_argument(
+        "--out", default="results/bench/bench.json", help="JSON file (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--scenario",
+        default="scenarios/quickstart",
+        help="scenario of items 1, 2 and 4 (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--dense-modules",
+        choices=("per-shape", "all"),
+        default="per-shape",
+        help="item 3: modules of the 7B block that also get the dense SVD (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--cpus", type=int, default=1, help="item 2: CPUs of the one simulation worker"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "strategies":
+            from hetfed.registry import strategies_table
+
+            print(strategies_table())
+            return 0
+        if args.command == "sweep":
+            from tooling.sweep import load_sweep, run_sweep
+
+            out = Path(args.out or Path("results") / Path(args.file).stem)
+            rows = run_sweep(load_sweep(args.file), out)
+            print((out / "comparison.md").read_text())
+            return 0 if all(r["status"] == "completed" for r in rows) else 1
+        if args.command == "bench":
+            from tooling.bench.command import run_bench
+
+            run_bench(
+                args.items, args.quick, args.out, args.scenario, args.dense_modules, args.cpus
+            )
+            return 0
+        if args.command == "table":
+            from tooling.sweep import results_table
+
+            print(results_table(args.results))
+            return 0
+        from tooling import scenarios
+
+        if args.command == "check":
+            scenarios.check(args.scenario, args.run_config)
+            return 0
+        return scenarios.run(args.scenario, args.run_config)
+    except (HetfedError, ValueError) as err:
+        print(f"hetfed: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
