@@ -49,11 +49,22 @@ def available_memory_gb() -> float:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def node_tier(node_config: dict, profiles: DeviceProfiles) -> Tier:
+def node_tier(
+    node_config: dict, profiles: DeviceProfiles, needs_gb: list[float] | None = None
+) -> Tier:
     """A node's tier: named in its node config (deployment; ``auto`` picks it from measured free
-    memory), or assigned by partition id (simulation). A named tier always wins."""
+    memory: the tier with the largest update that fits it less the profiles' reserve, when the
+    server sent what each tier's update needs, ``needs_gb``, else the largest ``memory-gb``), or
+    assigned by partition id (simulation). A named tier always wins."""
     if NODE_TIER in node_config:
         name = str(node_config[NODE_TIER])
+        if name == "auto" and needs_gb is not None:
+            free = available_memory_gb() - profiles.memory_reserve_gb
+            needs = dict(zip(profiles.tiers.values(), needs_gb, strict=True))
+            fitting = [t for t, need in needs.items() if need <= free] or [
+                min(needs, key=needs.get)
+            ]
+            return max(fitting, key=needs.get)
         if name == "auto":
             return profiles.tier_for_memory(available_memory_gb())
         return profiles.tier(name, key="node-config tier")
@@ -163,10 +174,10 @@ def local_seed(msg: Message, context: Context) -> int:
 @app.query()
 def report_budget(msg: Message, context: Context) -> Message:
     """Tell the server this node's tier and LoRA budget (the server sent the profiles)."""
-    profiles = parse_profiles(
-        str(msg.content[wire.CONFIG][wire.PROFILES]), "profiles (from server)"
-    )
-    tier = node_tier(context.node_config, profiles)
+    config = msg.content[wire.CONFIG]
+    profiles = parse_profiles(str(config[wire.PROFILES]), "profiles (from server)")
+    needs = [float(gb) for gb in config[wire.TIER_MEMORY]] if wire.TIER_MEMORY in config else None
+    tier = node_tier(context.node_config, profiles, needs)
     budget = wire.BudgetReply(tier.name, tier.rank, client_id(context)).to_record()
     context.state[wire.BUDGET] = budget
     return Message(RecordDict({wire.BUDGET: budget}), reply_to=msg)
@@ -207,9 +218,9 @@ def train(msg: Message, context: Context) -> Message:
             worker.host.train_only_layers(spec, layers),
             worker.host.frozen_factors(spec, instruction.frozen),
         ):
-            result = train_steps(
-                model, data, settings.train, penalty=penalty, seed=local_seed(msg, context)
-            )
+            steps = instruction.local_steps or settings.train.local_steps  # fewer: a deadline
+            work = replace(settings.train, local_steps=steps)
+            result = train_steps(model, data, work, penalty=penalty, seed=local_seed(msg, context))
         state = _in_layers(worker.host.get_state(spec), layers)  # only what was trained
     if pruning is not None and tail_score(state, keep) < score_before:
         rank = pruned_rank(rank, pruning.gamma, pruning.min_rank)

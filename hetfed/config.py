@@ -86,6 +86,7 @@ class FaultSettings:
 
 
 TOO_FEW_REPLIES = ("retry", "skip")
+STRAGGLER_POLICIES = ("drop", "partial")
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ class RunSettings:
     too_few_replies: str = "retry"  # what a round below min-train-replies does: retry or skip
     max_retries: int = 2  # attempts after the first, with a fresh sample, before a skip
     max_update_norm: float = 0.0  # reject a reply whose ||reply - sent||_F is larger (0: off)
+    round_deadline: float = 0.0  # simulated seconds a round waits for a client (0: none)
+    straggler_policy: str = "drop"  # a client that would miss the deadline: drop | partial
+    compute_efficiency: float = 0.5  # share of a tier's compute-gflops that training sustains
     resume: bool | str = False  # true: continue from results-dir's checkpoint; or a folder
     seed: int = 42
     profiles: str = "profiles.yaml"
@@ -139,6 +143,14 @@ class RunSettings:
             raise ConfigError("max-retries", self.max_retries, "an integer >= 0")
         if self.max_update_norm < 0:
             raise ConfigError("max-update-norm", self.max_update_norm, "a number >= 0 (0: off)")
+        if self.round_deadline < 0:
+            raise ConfigError("round-deadline", self.round_deadline, "simulated seconds >= 0")
+        if self.straggler_policy not in STRAGGLER_POLICIES:
+            raise ConfigError(
+                "straggler-policy", self.straggler_policy, " or ".join(STRAGGLER_POLICIES)
+            )
+        if not 0 < self.compute_efficiency <= 1:
+            raise ConfigError("compute-efficiency", self.compute_efficiency, "a number in (0, 1]")
         if self.seed < 0:
             raise ConfigError("seed", self.seed, "an integer >= 0")
         if self.resume == "":

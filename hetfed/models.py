@@ -37,6 +37,7 @@ from transformers import (
     LlamaConfig,
 )
 
+from hetfed.cost_model import ModelShape, model_shape
 from hetfed.errors import ConfigError
 
 MINILM = "all-MiniLM-L6-v2"
@@ -282,6 +283,16 @@ def cached_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> tuple[nn.M
             model, tokenizer = build_model(cfg, num_labels, seed)
             _CACHE[key] = model.to(compute_device()), tokenizer
         return _CACHE[key]
+
+
+@functools.lru_cache(maxsize=8)
+def cost_shape(cfg: ModelConfig, num_labels: int) -> ModelShape:
+    """The base model's shape for :mod:`hetfed.cost_model`, from its config (built on the meta
+    device: no weights load); the frozen parameters are the backbone's or the causal LM's."""
+    config = load_model_config(cfg)
+    with torch.device("meta"):
+        model = (AutoModelForCausalLM if cfg.task == INSTRUCTION else AutoModel).from_config(config)
+    return model_shape(config, num_labels, sum(p.numel() for p in model.parameters()))
 
 
 def max_lora_rank(cfg: ModelConfig, target_modules: tuple[str, ...]) -> int:

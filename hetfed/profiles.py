@@ -6,14 +6,20 @@ A profile file (YAML)::
                                              # transformer blocks carry trainable LoRA, as a
                                              # count K or a fraction of the model's blocks
       phone:       {rank: 2, layers: 2, memory-gb: 4, compute-gflops: 50, bandwidth-mbps: 10}
-      laptop:      {rank: 4, layers: 0.5, memory-gb: 16, compute-gflops: 400}
-      workstation: {rank: 8, memory-gb: 64, compute-gflops: 4000, bandwidth-mbps: 500}
+      laptop:      {rank: auto, layers: 0.5, memory-gb: 16, compute-gflops: 400}
+      workstation: {rank: 8, memory-gb: 64, compute-gflops: 4000, bandwidth-mbps: 500,
+                    latency-ms: 20}
     assignment:
       ratios: {phone: 5, laptop: 3, workstation: 2}   # or
       # by-partition: [phone, phone, laptop, ...]     # one tier per partition id
+    auto: {max-rank: 64, memory-reserve-gb: 0.5}      # optional: how auto budgets are derived
 
-In simulation a client derives its tier from its partition id; in deployment a SuperNode names
-its tier in ``--node-config "tier='phone'"``, which wins over the assignment.
+``memory-gb``, ``compute-gflops``, ``bandwidth-mbps`` and ``latency-ms`` drive the simulated
+device clock (:mod:`hetfed.device_clock`). ``rank: auto`` and ``layers: auto`` are derived for
+the run's model (:mod:`hetfed.budgets`): the largest that fit ``memory-gb`` less the reserve,
+and the round deadline. In simulation a client derives its tier from its partition id; in
+deployment a SuperNode names its tier in ``--node-config "tier='phone'"``, which wins over the
+assignment.
 """
 
 from __future__ import annotations
@@ -27,15 +33,22 @@ import yaml
 
 from hetfed.errors import ConfigError
 
+AUTO = "auto"  # a rank or layer budget derived from the device (hetfed.budgets)
 TIER_KEYS = {
-    "rank": int,
-    "layers": (int, float),
+    "rank": (int, str),
+    "layers": (int, float, str),
     "memory-gb": (int, float),
     "compute-gflops": (int, float),
     "bandwidth-mbps": (int, float),
+    "latency-ms": (int, float),
     "description": str,
 }
 ASSIGNMENT_KEYS = ("ratios", "by-partition")
+# keys of the optional top-level "auto" mapping: (type, DeviceProfiles field)
+AUTO_KEYS = {
+    "max-rank": (int, "max_auto_rank"),
+    "memory-reserve-gb": ((int, float), "memory_reserve_gb"),
+}
 
 
 @dataclass(frozen=True)
@@ -43,16 +56,17 @@ class Tier:
     """One class of device and the LoRA budget it can afford."""
 
     name: str
-    rank: int
-    layers: int | float | None = None  # a count K, a fraction of the model's layers, or all
+    rank: int | str  # or "auto" until derived (hetfed.budgets)
+    layers: int | float | str | None = None  # a count K, a fraction of the blocks, "auto", all
     memory_gb: float | None = None
     compute_gflops: float | None = None
     bandwidth_mbps: float | None = None
+    latency_ms: float = 0.0
     description: str = ""
 
     def layer_budget(self, num_layers: int) -> int:
         """How many of the model's ``num_layers`` transformer blocks this tier trains LoRA in."""
-        if self.layers is None:
+        if self.layers is None or self.layers == AUTO:
             return num_layers
         if isinstance(self.layers, float):
             return max(1, round(self.layers * num_layers))
@@ -68,6 +82,13 @@ class DeviceProfiles:
     by_partition: tuple[str, ...] = ()
     source: str = "profiles"
     text: str = ""
+    max_auto_rank: int = 64  # auto: the largest rank derived
+    memory_reserve_gb: float = 0.5  # auto: memory the device keeps for everything else
+
+    @property
+    def auto(self) -> list[Tier]:
+        """The tiers whose rank or layer budget is derived (hetfed.budgets)."""
+        return [t for t in self.tiers.values() if AUTO in (t.rank, t.layers)]
 
     def tier(self, name: str, key: str = "tier") -> Tier:
         if name not in self.tiers:
@@ -147,8 +168,17 @@ def parse_profiles(text: str, source: str = "profiles") -> DeviceProfiles:
             source,
         )
     for key in doc:
-        if key not in ("tiers", "assignment"):
-            raise ConfigError(str(key), doc[key], "top-level keys 'tiers' and 'assignment'", source)
+        if key not in ("tiers", "assignment", AUTO):
+            raise ConfigError(str(key), doc[key], "top-level keys tiers, assignment, auto", source)
+    auto = doc.get(AUTO) or {}
+    if not isinstance(auto, dict):
+        raise ConfigError(AUTO, auto, f"a mapping with keys {', '.join(AUTO_KEYS)}", source)
+    for key, value in auto.items():
+        if key not in AUTO_KEYS:
+            raise ConfigError(f"auto.{key}", value, f"keys {', '.join(AUTO_KEYS)}", source)
+        _check_type(value, AUTO_KEYS[key][0], f"auto.{key}", source, "a number > 0")
+        if value <= 0:
+            raise ConfigError(f"auto.{key}", value, "a number > 0", source)
     tiers = {}
     for name, spec in doc["tiers"].items():
         prefix = f"tiers.{name}"
@@ -164,13 +194,14 @@ def parse_profiles(text: str, source: str = "profiles") -> DeviceProfiles:
                 source,
                 "a string" if TIER_KEYS[key] is str else "a number",
             )
-        if "rank" not in spec:
-            raise ConfigError(f"{prefix}.rank", None, "an integer >= 1", source)
-        if spec["rank"] < 1:
-            raise ConfigError(f"{prefix}.rank", spec["rank"], "an integer >= 1", source)
+        rank = spec.get("rank")
+        if rank != AUTO and (not isinstance(rank, int) or rank < 1):
+            raise ConfigError(f"{prefix}.rank", rank, "an integer >= 1 or 'auto'", source)
         layers = spec.get("layers")
         if (
-            isinstance(layers, int)
+            isinstance(layers, str)
+            and layers != AUTO
+            or isinstance(layers, int)
             and layers < 1
             or isinstance(layers, float)
             and not (0 < layers <= 1)
@@ -178,9 +209,11 @@ def parse_profiles(text: str, source: str = "profiles") -> DeviceProfiles:
             raise ConfigError(
                 f"{prefix}.layers",
                 layers,
-                "a layer count >= 1 or a fraction of the model's layers in (0, 1]",
+                "a layer count >= 1, a fraction of the model's layers in (0, 1], or 'auto'",
                 source,
             )
+        if AUTO in (rank, layers) and "memory-gb" not in spec:
+            raise ConfigError(f"{prefix}.memory-gb", None, "a number (auto budgets)", source)
         tiers[str(name)] = Tier(
             name=str(name),
             rank=spec["rank"],
@@ -188,10 +221,12 @@ def parse_profiles(text: str, source: str = "profiles") -> DeviceProfiles:
             memory_gb=spec.get("memory-gb"),
             compute_gflops=spec.get("compute-gflops"),
             bandwidth_mbps=spec.get("bandwidth-mbps"),
+            latency_ms=spec.get("latency-ms", 0.0),
             description=spec.get("description", ""),
         )
     ratios, by_partition = _parse_assignment(doc.get("assignment"), tiers, source)
-    return DeviceProfiles(tiers, ratios, by_partition, source, text)
+    limits = {AUTO_KEYS[key][1]: value for key, value in auto.items()}
+    return DeviceProfiles(tiers, ratios, by_partition, source, text, **limits)
 
 
 def _parse_assignment(
@@ -231,6 +266,20 @@ def _parse_assignment(
         if name not in tiers:
             raise ConfigError(f"assignment.by-partition[{index}]", name, f"a tier: {known}", source)
     return {}, tuple(listed)
+
+
+def with_budgets(profiles: DeviceProfiles, budgets: dict[str, tuple[int, int]]) -> DeviceProfiles:
+    """The profiles with the given tiers' ``auto`` budgets replaced by (rank, block count); the
+    text (what clients are sent) says the derived values."""
+    if not budgets:
+        return profiles
+    doc = yaml.safe_load(profiles.text)
+    for name, (rank, blocks) in budgets.items():
+        spec = doc["tiers"][name]
+        spec["rank"] = rank if spec["rank"] == AUTO else spec["rank"]
+        if spec.get("layers") == AUTO:
+            spec["layers"] = blocks
+    return parse_profiles(yaml.safe_dump(doc, sort_keys=False), profiles.source)
 
 
 def load_profiles(path: str | Path) -> DeviceProfiles:

@@ -28,12 +28,28 @@ class RoundStats:
     ranks: dict[str, int] = field(default_factory=dict)  # client id -> rank sent (not written)
     # wall time from the start of configure_train to the end of aggregate_train, all attempts
     train_seconds: float = 0.0
+    simulated_seconds: float = 0.0  # on the simulated device clock (hetfed.device_clock)
+    stragglers: int = 0  # clients left out: they would have missed the round deadline
 
-    def record(self, server_round: int, accuracy: float, loss: float, seconds: float):
-        """The ``metrics.jsonl`` line of this round, with its central evaluation."""
+    def record(
+        self,
+        server_round: int,
+        accuracy: float,
+        loss: float,
+        seconds: float,
+        simulated_before: float,
+    ):
+        """The ``metrics.jsonl`` line of this round, with its central evaluation and the
+        simulated seconds of the rounds before it."""
         counters = {k: v for k, v in asdict(self).items() if k != "ranks"}
+        total = simulated_before + self.simulated_seconds
         return RoundRecord(
-            round=server_round, accuracy=accuracy, loss=loss, seconds=seconds, **counters
+            round=server_round,
+            accuracy=accuracy,
+            loss=loss,
+            seconds=seconds,
+            simulated_total=total,
+            **counters,
         )
 
 
@@ -57,6 +73,9 @@ class RoundRecord:
     # configure_train start to aggregate_train end, over all attempts (0 in round 0; None in
     # records of runs from before it was measured)
     train_seconds: float | None = None
+    simulated_seconds: float = 0.0  # the round on the simulated device clock
+    simulated_total: float = 0.0  # simulated seconds of the run up to this round
+    stragglers: int = 0  # clients left out for the round deadline
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hetfed.budgets import Budget, derive_budgets
 from hetfed.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
@@ -21,11 +22,13 @@ from hetfed.checkpoint import (
     resume_folder,
 )
 from hetfed.config import RunSettings, Scalar, parse_run_config
+from hetfed.cost_model import UpdateShape
 from hetfed.data import load_splits, resolve_source
+from hetfed.device_clock import DeviceClock
 from hetfed.errors import ConfigError
 from hetfed.instructions import prompt_layout
-from hetfed.models import INSTRUCTION, load_model_config, load_tokenizer, max_lora_rank
-from hetfed.profiles import DeviceProfiles, load_profiles
+from hetfed.models import INSTRUCTION, cost_shape, load_model_config, load_tokenizer, max_lora_rank
+from hetfed.profiles import AUTO, DeviceProfiles, load_profiles
 from hetfed.registry import load_strategy
 
 
@@ -37,11 +40,16 @@ class RunPlan:
     profiles: DeviceProfiles
     max_rank: int
     num_layers: int
+    clock: DeviceClock  # the simulated device clock of this model and local work
+    budgets: list[Budget]  # what every tier affords and what it costs (derived ones included)
+    derived_tiers: tuple[str, ...]  # the tiers whose rank or layers were "auto"
     resume_from: Path | None = None  # the folder named by ``resume``
     checkpoint: Checkpoint | None = None  # what the run continues from (None: round 1)
 
     def build_strategy(self):
-        return self.strategy_class(self.settings, self.profiles, self.options, self.num_layers)
+        strategy = self.strategy_class(self.settings, self.profiles, self.options, self.num_layers)
+        strategy.clock = self.clock
+        return strategy
 
 
 def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = None) -> RunPlan:
@@ -67,7 +75,7 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
     resolve_source(settings.data.source)
     limit = max_lora_rank(settings.model, settings.lora.modules())
     for tier in profiles.tiers.values():
-        if tier.rank > limit:
+        if tier.rank != AUTO and tier.rank > limit:
             raise ConfigError(
                 f"tiers.{tier.name}.rank",
                 tier.rank,
@@ -85,14 +93,22 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
                 f"{num_layers} layers) or a fraction in (0, 1]",
                 profiles.source,
             )
+    label_names = load_splits(settings.data).label_names
+    scored = 1  # positions whose logits a causal LM computes: the longest answer and one before
     if settings.model.task == INSTRUCTION:
-        label_names = load_splits(settings.data).label_names
-        prompt_layout(
+        _, _, answers, _ = prompt_layout(
             load_tokenizer(settings.model.name),
             label_names,
             settings.model.max_length,
             settings.model.prompt,
         )
+        scored += max(len(a) for a in answers)
+    clock = device_clock(settings, len(label_names), scored)
+    check_deadline_speeds(settings, profiles)
+    classifier = (clock.shape.hidden + 1) * len(label_names)  # a classifier's weight and bias
+    head_bytes = 0 if settings.model.task == INSTRUCTION else 4 * classifier
+    derived_tiers = tuple(t.name for t in profiles.auto)
+    profiles, budgets = derive_budgets(profiles, clock, limit, head_bytes)
     resume_from = resume_folder(settings.resume, settings.results_dir)
     checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
@@ -105,7 +121,17 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
                 str(resume_from / CHECKPOINT_FILE),
             )
     plan = RunPlan(
-        settings, options, strategy_class, profiles, limit, num_layers, resume_from, checkpoint
+        settings,
+        options,
+        strategy_class,
+        profiles,
+        limit,
+        num_layers,
+        clock,
+        budgets,
+        derived_tiers,
+        resume_from,
+        checkpoint,
     )
     strategy = plan.build_strategy()
     rank = strategy.global_rank()
@@ -113,6 +139,45 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
         raise ConfigError(f"{strategy_name}.rank", rank, f"an integer in [1, {limit}]")
     check_affordable_ranks(strategy, profiles, f"{strategy_name}.rank")
     return plan
+
+
+def device_clock(settings: RunSettings, num_labels: int, scored: int) -> DeviceClock:
+    """The simulated clock of the run's model and local work (:mod:`hetfed.device_clock`)."""
+    work = UpdateShape(
+        rank=1,
+        target_modules=settings.lora.modules(),
+        trained_blocks=(),
+        steps=settings.train.local_steps,
+        batch=settings.train.batch_size,
+        tokens=settings.model.max_length,
+        scored=scored,
+    )
+    return DeviceClock(
+        cost_shape(settings.model, num_labels),
+        work,
+        settings.compute_efficiency,
+        settings.round_deadline,
+        settings.straggler_policy,
+    )
+
+
+def check_deadline_speeds(settings: RunSettings, profiles: DeviceProfiles) -> None:
+    """A round deadline needs every tier's speed: its compute and its bandwidth."""
+    if settings.round_deadline <= 0:
+        return
+    for tier in profiles.tiers.values():
+        for key, value in (
+            ("compute-gflops", tier.compute_gflops),
+            ("bandwidth-mbps", tier.bandwidth_mbps),
+        ):
+            if value is None:
+                raise ConfigError(
+                    f"tiers.{tier.name}.{key}",
+                    None,
+                    f"a number > 0: round-deadline {settings.round_deadline} needs every "
+                    "tier's speed",
+                    profiles.source,
+                )
 
 
 def check_affordable_ranks(strategy: Any, profiles: DeviceProfiles, key: str) -> None:

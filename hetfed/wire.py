@@ -36,6 +36,7 @@ LORA_RSLORA = "lora-rslora"  # peft's use_rslora: scaling alpha / sqrt(rank) ins
 LORA_SCALING = "lora-scaling"  # the scaling s_k the server reads the client's product at
 SEED = "seed"
 PROFILES = "profiles"  # of the budget query
+TIER_MEMORY = "tier-memory-gb"  # of the budget query: GB each tier's update needs, in tier order
 PRUNE_GAMMA = "prune-gamma"
 PRUNE_LAMBDA = "prune-lambda"
 PRUNE_MIN_RANK = "prune-min-rank"
@@ -43,6 +44,7 @@ LAYERS = "layers"  # the transformer blocks whose LoRA modules the client trains
 # LoRA factors (lora_A, lora_B) the client keeps fixed while it trains (none if absent); it still
 # returns them, unchanged. The FFA-LoRA example plugin (examples/) freezes A this way.
 FROZEN = "frozen"
+LOCAL_STEPS = "local-steps"  # fewer local steps than the run's (a straggler under a deadline)
 FAULT = "fault"  # failure injection (hetfed.faults): how this client misbehaves this round
 FAULT_SECONDS = "fault-seconds"  # how long a "timeout" fault waits before replying
 
@@ -91,6 +93,7 @@ class TrainInstruction:
     layers: tuple[int, ...] | None = None  # None: every block
     frozen: tuple[str, ...] = ()
     pruning: Pruning | None = None
+    local_steps: int | None = None  # None: the run's train.local-steps
     fault: str | None = None  # hetfed.faults: misbehave on purpose (tests and experiments)
     fault_seconds: float = 0.0
 
@@ -113,6 +116,8 @@ class TrainInstruction:
                 PRUNE_LAMBDA: self.pruning.lam,
                 PRUNE_MIN_RANK: self.pruning.min_rank,
             }
+        if self.local_steps is not None:
+            record[LOCAL_STEPS] = self.local_steps
         if self.fault is not None:
             record |= {FAULT: self.fault, FAULT_SECONDS: self.fault_seconds}
         return ConfigRecord(record)
@@ -136,6 +141,7 @@ class TrainInstruction:
             layers=tuple(int(i) for i in record[LAYERS]) if LAYERS in record else None,
             frozen=tuple(str(f) for f in record[FROZEN]) if FROZEN in record else (),
             pruning=pruning,
+            local_steps=_get(record, LOCAL_STEPS, int) if LOCAL_STEPS in record else None,
             fault=str(record[FAULT]) if FAULT in record else None,
             fault_seconds=_get(record, FAULT_SECONDS, float) if FAULT in record else 0.0,
         )

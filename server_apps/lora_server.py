@@ -104,7 +104,8 @@ class ServerRun:
         accuracy, loss = self.server.evaluate(*strategy.model_view(wire.from_record(arrays)))
         now = time.perf_counter()
         stats = strategy.stats.get(server_round, RoundStats())
-        record = stats.record(server_round, accuracy, loss, now - self.last_round_end)
+        before = self.writer.records[-1].simulated_total if self.writer.records else 0.0
+        record = stats.record(server_round, accuracy, loss, now - self.last_round_end, before)
         self.last_round_end = now
         self.writer.add_round(record)
         log(
@@ -219,6 +220,8 @@ def summarize(job: ServerRun, adapter_dir: Path) -> None:
             "skipped_rounds": [r.round for r in records if r.skipped],
             "resumed_after_round": job.checkpoint.server_round if job.checkpoint else None,
             "seconds": job.seconds(),
+            "simulated_seconds": final.simulated_total,
+            "stragglers": sum(r.stragglers for r in records),
             "global_rank": strategy.global_rank(),
             "tiers": {name: tier.rank for name, tier in job.plan.profiles.tiers.items()},
             "node_budgets": job.node_budgets(),

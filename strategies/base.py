@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from logging import INFO, WARNING
 from typing import Any, ClassVar
@@ -41,7 +41,9 @@ from hetfed import lora_algebra as la
 from hetfed.adapter_state import LoraPairs, State
 from hetfed.adapters import LoraSpec
 from hetfed.aggregation import Weights, head_average
+from hetfed.budgets import required_memory_gb
 from hetfed.config import RunSettings, setting
+from hetfed.device_clock import DeviceClock
 from hetfed.errors import ConfigError
 from hetfed.faults import choose_faults
 from hetfed.models import TASKS
@@ -63,6 +65,7 @@ class LoRAStrategy(Strategy):
     tasks: ClassVar[tuple[str, ...]] = TASKS  # the model.task values it supports
     # run-config key -> (the value the method needs, why); checked when it is built
     requires: ClassVar[dict[str, tuple[Any, str]]] = {}
+    clock: DeviceClock | None = None  # the run's simulated device clock (set by the run plan)
 
     def __init__(
         self,
@@ -261,24 +264,20 @@ class LoRAStrategy(Strategy):
         clients = [c for c in sampled if self.participates(c)]
         faults = choose_faults(settings.faults, settings.seed, server_round, self.attempt, clients)
         self._global_state = wire.from_record(arrays)
+        prepared = [(c, *prepare(self, server_round, c, faults.get(c))) for c in clients]
+        if self.clock is not None:  # the device clock: stragglers under a deadline
+            prepared = on_the_clock(self, server_round, stats, prepared)
         messages, self._sent = [], {}
-        for client_id in clients:
-            sent, state, instruction = prepare(self, server_round, client_id, faults.get(client_id))
+        for client_id, sent, state, instruction in prepared:
             content, node_id = wire.train_content(state, instruction), self.nodes.node_of[client_id]
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
             self._sent[client_id] = sent
             stats.bytes_down += wire.nbytes(state)
-        stats.sampled += len(clients)
-        stats.ranks = {str(c): self._sent[c].rank for c in clients}
-        ranks, injected = (
-            sorted(stats.ranks.values()),
-            f"; injected faults {faults}" if faults else "",
-        )
-        log(
-            INFO,
-            f"configure_train: round {server_round} sends {len(clients)} clients their "
-            f"adapters (ranks {ranks}){injected}",
-        )
+        stats.sampled += len(self._sent)
+        stats.ranks = {str(c): sent.rank for c, sent in self._sent.items()}
+        ranks, injected = sorted(stats.ranks.values()), f"; faults {faults}" if faults else ""
+        log(INFO, f"configure_train: round {server_round} sends {len(self._sent)} clients their "
+            f"adapters (ranks {ranks}){injected}")  # fmt: skip
         return messages
 
     def aggregate_train(
@@ -322,7 +321,8 @@ class LoRAStrategy(Strategy):
     def _register(self, grid: Grid) -> list[int]:
         """The sorted client ids of the connected nodes whose budget is known."""
         min_nodes, timeout = self.settings.min_available_nodes, self.settings.round_timeout
-        return self.nodes.register(grid, self.profiles, min_nodes, timeout)
+        needs = required_memory_gb(self.profiles, self.clock) if self.clock else None
+        return self.nodes.register(grid, self.profiles, min_nodes, timeout, needs)
 
     def _accepted(self, reply: Message, stats: RoundStats) -> ClientUpdate | None:
         """A valid reply as an update at the global scaling (:func:`accepted_update`)."""
@@ -362,6 +362,32 @@ def prepare(
     if layers is not None:
         expected = adapter_state.restrict_to_layers(expected, layers)
     return SentAdapter(rank, expected, spec.scaling, source_scaling), state, instruction
+
+
+def on_the_clock(
+    strategy: LoRAStrategy, server_round: int, stats: RoundStats, prepared: list[tuple]
+) -> list[tuple]:
+    """Each client's simulated time on its tier's device (:mod:`hetfed.device_clock`, the
+    bytes of its messages); under a ``round-deadline`` a straggler is left out (``drop``) or told
+    to train the steps that fit (``partial``). Adds the round's simulated seconds."""
+    clock, kept, plans, late = strategy.clock, [], [], []
+    for client_id, sent, state, instruction in prepared:
+        tier = strategy.profiles.tiers[strategy.budgets[client_id].tier]
+        blocks = instruction.layers or tuple(range(clock.shape.blocks))
+        down, up = wire.nbytes(state), wire.nbytes(sent.expected)
+        plans.append(clock.plan(tier, sent.rank, blocks, down, up))
+        if not plans[-1].steps:
+            late.append(tier.name)
+            continue
+        if plans[-1].steps < clock.work.steps:
+            instruction = replace(instruction, local_steps=plans[-1].steps)
+        kept.append((client_id, sent, state, instruction))
+    stats.simulated_seconds += clock.round_seconds(plans)
+    stats.stragglers += len(late)
+    if late:
+        log(WARNING, "round %d: %d straggler(s) left out, they would miss the %g s deadline "
+            "(tiers %s)", server_round, len(late), clock.deadline, ", ".join(late))  # fmt: skip
+    return kept
 
 
 def check_requirements(strategy: LoRAStrategy) -> None:

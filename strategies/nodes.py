@@ -40,13 +40,23 @@ class NodeRegistry:
         self.budgets: dict[int, NodeBudget] = {}
         self.node_of: dict[int, int] = {}  # client id -> Flower node id in this run
         self.client_of: dict[int, int] = {}  # Flower node id -> client id
+        self.query_config: dict = {}  # what a budget query says (the profiles, tier memory)
 
     def register(
-        self, grid: Grid, profiles: DeviceProfiles, min_nodes: int, timeout: float
+        self,
+        grid: Grid,
+        profiles: DeviceProfiles,
+        min_nodes: int,
+        timeout: float,
+        tier_memory: list[float] | None = None,
     ) -> list[int]:
         """Wait for ``min_nodes`` nodes, learn the budget of nodes not seen before (checked
-        against ``profiles``), and return the sorted client ids of the connected nodes that
-        reported one."""
+        against ``profiles``; ``tier_memory``, the GB each tier's update needs, lets a device
+        with ``tier='auto'`` pick by its measured memory), and return the sorted client ids of
+        the connected nodes that reported one."""
+        self.query_config = {wire.PROFILES: profiles.text}
+        if tier_memory is not None:
+            self.query_config[wire.TIER_MEMORY] = tier_memory
         deadline = time.monotonic() + timeout
         node_ids = sorted(grid.get_node_ids())
         while len(node_ids) < min_nodes:
@@ -70,7 +80,7 @@ class NodeRegistry:
         timeout: float,
     ) -> None:
         """Ask nodes for their tier, rank and client id (once per node and run)."""
-        content = RecordDict({wire.CONFIG: ConfigRecord({wire.PROFILES: profiles.text})})
+        content = RecordDict({wire.CONFIG: ConfigRecord(self.query_config)})
         queries = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         for reply in grid.send_and_receive(queries, timeout=timeout):
             node_id = reply.metadata.src_node_id

@@ -143,6 +143,37 @@ def test_rslora_scaling_end_to_end(run_scenario, tiny_config):
     assert exported_accuracy(results, config) == pytest.approx(rounds[-1]["accuracy"])
 
 
+DEADLINE_PROFILES = """\
+tiers:
+  small: {rank: 2, compute-gflops: 100, bandwidth-mbps: 0.001}
+  medium: {rank: 4, compute-gflops: 100, bandwidth-mbps: 100, latency-ms: 20}
+  large: {rank: 8, compute-gflops: 1000, bandwidth-mbps: 100}
+assignment:
+  ratios: {small: 2, medium: 1, large: 1}
+"""
+
+
+def test_a_round_deadline_drops_the_stragglers_end_to_end(run_scenario, tiny_config):
+    """The two small devices send at 1 kbit/s: their few kilobytes miss the 10 s deadline, so
+    every round goes on with the other two, waits the full deadline on the simulated clock,
+    and metrics.jsonl carries it."""
+    config = {**tiny_config, "num-server-rounds": 2, "round-deadline": 10.0}
+    proc, results = run_scenario(config, DEADLINE_PROFILES)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "2 straggler(s) left out" in proc.stdout and "(tiers small, small)" in proc.stdout
+    rounds = read_metrics(results)
+    assert [(r["stragglers"], r["sampled"], r["replied"]) for r in rounds] == [
+        (0, 0, 0),
+        (2, 2, 2),
+        (2, 2, 2),
+    ]
+    assert [r["simulated_seconds"] for r in rounds] == [0.0, 10.0, 10.0]
+    assert [r["simulated_total"] for r in rounds] == [0.0, 10.0, 20.0]
+    summary = json.loads((results / "summary.json").read_text())
+    assert (summary["simulated_seconds"], summary["stragglers"]) == (20.0, 4)
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
+
+
 def test_instruction_task_end_to_end(run_scenario, tiny_config):
     """A causal LM (tiny random LLaMA) instruction-tuned through flwr run: per-client ranks,
     only LoRA factors travel, the answer loss falls, and the exported adapter is plain peft."""

@@ -7,6 +7,8 @@
   Simulation Engine with the scenario's ``[tool.hetfed.simulation]`` settings, stream its log,
   and exit non-zero unless the run's status is ``finished:completed`` (:mod:`tooling.scenarios`).
 - ``hetfed table RESULTS_DIR ...``: a Markdown table comparing finished runs.
+- ``hetfed costs scenarios/NAME [--ranks 1,2,4]``: what each rank and layer budget costs a
+  client of the scenario's model: FLOPs, peak memory, bytes (:mod:`tooling.costs`).
 - ``hetfed sweep SWEEP.yaml [--out DIR]``: run a scenario over strategies, options and seeds
   (:mod:`tooling.sweep`), skipping finished runs, and write the comparison tables and plots.
 - ``hetfed bench [--quick] [--items 1,2,3,4] [--out FILE]``: measure the cost model (client
@@ -21,6 +23,13 @@ import sys
 from pathlib import Path
 
 from hetfed.errors import HetfedError
+
+
+def _numbers(text: str) -> tuple[int, ...]:
+    numbers = tuple(sorted({int(i) for i in text.split(",") if i.strip()}))
+    if not numbers or numbers[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers >= 1")
+    return numbers
 
 
 def _bench_items(text: str) -> tuple[int, ...]:
@@ -50,6 +59,11 @@ def parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a scenario over strategies/options/seeds")
     sweep.add_argument("file", help="a sweep YAML file")
     sweep.add_argument("--out", help="results folder (default: results/<sweep file name>)")
+    costs = sub.add_parser("costs", help="FLOPs, memory and bytes of each rank and layer budget")
+    costs.add_argument("scenario", help="a scenario folder, e.g. scenarios/quickstart")
+    costs.add_argument(
+        "--ranks", type=_numbers, default=(1, 2, 4, 8, 16, 32, 64), help="e.g. 1,2,4,8"
+    )
     table = sub.add_parser("table", help="compare finished runs in a Markdown table")
     table.add_argument("results", nargs="+", help="results folders (with summary.json)")
     bench = sub.add_parser("bench", help="measure the cost model (see docs/benchmarks.md)")
@@ -102,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(
                 args.items, args.quick, args.out, args.scenario, args.dense_modules, args.cpus
             )
+            return 0
+        if args.command == "costs":
+            from tooling.costs import costs_table
+
+            print(costs_table(args.scenario, args.ranks))
             return 0
         if args.command == "table":
             from tooling.sweep import results_table

@@ -91,6 +91,10 @@ def check(folder: str | Path, overrides: list[str]) -> RunPlan:
         f"ok: strategy {plan.settings.strategy}, tiers {tiers}, "
         f"rank limit {plan.max_rank}, {plan.settings.num_server_rounds} rounds"
     )
+    for budget in plan.budgets:  # what each tier trains and what that costs on its device
+        derived = " (derived)" if budget.tier in plan.derived_tiers else ""
+        memory = plan.profiles.tiers[budget.tier].memory_gb
+        print(f"  {budget.describe(plan.clock.shape.blocks, memory)}{derived}")
     return plan
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from hetfed.errors import ConfigError
@@ -104,10 +105,14 @@ def run_sweep(sweep: Sweep, out: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def rounds_to(records: list[dict[str, Any]], target: float | None) -> int | None:
+def when_reached(
+    records: list[dict[str, Any]], target: float | None, key: str = "round"
+) -> float | None:
+    """``key`` (the round, or the simulated seconds) of the first round whose accuracy reaches
+    ``target``; None when no round does (or there is no target)."""
     if target is None:
         return None
-    return next((r["round"] for r in records if r["accuracy"] >= target), None)
+    return next((r.get(key) for r in records if r["accuracy"] >= target), None)
 
 
 def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
@@ -134,12 +139,18 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                     "final_accuracy": round(summary["final_accuracy"], 4),
                     "best_accuracy": round(summary["best_accuracy"], 4),
                     "final_loss": round(records[-1]["loss"], 4),
-                    "rounds_to_target": rounds_to(records, sweep.target_accuracy),
+                    "rounds_to_target": when_reached(records, sweep.target_accuracy),
+                    "simulated_to_target": when_reached(
+                        records, sweep.target_accuracy, "simulated_total"
+                    ),
                     "mb_down": round(summary["bytes_down"] / 1e6, 2),
                     "mb_up": round(summary["bytes_up"] / 1e6, 2),
+                    "simulated_seconds": summary.get("simulated_seconds"),
+                    "stragglers": summary.get("stragglers"),
                     "seconds": round(summary["seconds"], 1),
                     "accuracy_by_round": [r["accuracy"] for r in records],
                     "loss_by_round": [r["loss"] for r in records],
+                    "simulated_by_round": [r.get("simulated_total", 0.0) for r in records],
                 }
             )
     return rows
@@ -151,8 +162,11 @@ SUMMARISED = (
     "best_accuracy",
     "final_loss",
     "rounds_to_target",
+    "simulated_to_target",
     "mb_down",
     "mb_up",
+    "simulated_seconds",
+    "stragglers",
     "seconds",
 )
 COLUMNS = ("run", "strategy", "seed", "status", *SUMMARISED)
@@ -220,7 +234,10 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
             writer.writerow(flat)
     (out / "comparison.md").write_text(comparison_markdown(rows, summaries, sweep), "utf-8")
     for metric, label in (("accuracy", "central test accuracy"), ("loss", "central test loss")):
-        plot_rounds(rows, sweep, metric, label, out / f"{metric}.png")
+        plot_curves(rows, sweep, metric, label, out / f"{metric}.png")
+    if any(r.get("simulated_seconds") for r in rows):  # the device clock ran: against its time
+        label = "central test accuracy"
+        plot_curves(rows, sweep, "accuracy", label, out / "accuracy_vs_time.png", "simulated")
 
 
 def _csv_number(value: float) -> str:
@@ -237,6 +254,8 @@ def comparison_markdown(
         if sweep.baseline is not None:
             columns += [f"{m}_vs_baseline" for m in ("final_accuracy", "final_loss")]
         columns += ["rounds_to_target", "mb_down", "mb_up", "seconds"]
+        if any(r.get("simulated_seconds") for r in rows):  # the device clock ran
+            columns[-1:-1] = ["simulated_to_target", "simulated_seconds", "stragglers"]
         lines += [
             f"Mean ± 95% interval (Student t) over seeds {', '.join(map(str, sweep.seeds))}"
             + (
@@ -251,9 +270,9 @@ def comparison_markdown(
         for summary in summaries:
             cells = [summary["run"], summary["strategy"], str(summary["seeds"])]
             for column in columns:
-                digits = 3 if column not in ("mb_down", "mb_up", "seconds") else 1
+                digits = 3 if column in SUMMARISED[:3] or "_vs_" in column else 1
                 text = summary[column].format(digits)
-                if column == "rounds_to_target" and summary["seeds"]:
+                if column.endswith("_to_target") and summary["seeds"]:
                     text = f"{text} ({summary['reached_target']}/{summary['seeds']} reached)"
                 cells.append(text)
             lines.append("| " + " | ".join(cells) + " |")
@@ -263,15 +282,24 @@ def comparison_markdown(
         cells = ["" if row.get(c) is None else str(row.get(c)) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     if sweep.target_accuracy is not None:
-        lines.append(f"\nrounds_to_target: first round with accuracy >= {sweep.target_accuracy}")
+        lines.append(
+            f"\nrounds_to_target, simulated_to_target: the first round with accuracy >= "
+            f"{sweep.target_accuracy}, and the simulated device seconds until its end"
+        )
     return "\n".join(lines) + "\n"
 
 
-def plot_rounds(
-    rows: list[dict[str, Any]], sweep: Sweep, metric: str, label: str, path: Path
+def plot_curves(
+    rows: list[dict[str, Any]],
+    sweep: Sweep,
+    metric: str,
+    label: str,
+    path: Path,
+    x: str = "round",
 ) -> None:
     """A line per run: the mean of ``metric`` per round over its finished seeds, with the 95%
-    interval shaded when there are several."""
+    interval shaded when there are several; against the round, or (``x="simulated"``) the mean
+    simulated device seconds at the end of each round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,19 +307,21 @@ def plot_rounds(
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in sweep.runs:
-        curves = [
-            r[f"{metric}_by_round"] for r in rows if r["run"] == name and r["status"] == "completed"
-        ]
-        if not curves:
+        done = [r for r in rows if r["run"] == name and r["status"] == "completed"]
+        if not done:
             continue
-        length = min(len(c) for c in curves)
-        per_round = [mean_interval([c[t] for c in curves]) for t in range(length)]
-        means = [i.mean for i in per_round]
-        (line,) = ax.plot(range(length), means, marker="o", markersize=3, label=name)
-        if len(curves) > 1:
+        length = min(len(r[f"{metric}_by_round"]) for r in done)
+        per_round = [
+            mean_interval([r[f"{metric}_by_round"][t] for r in done]) for t in range(length)
+        ]
+        xs = list(range(length))
+        if x == "simulated":
+            xs = [float(np.mean([r["simulated_by_round"][t] for r in done])) for t in xs]
+        (line,) = ax.plot(xs, [i.mean for i in per_round], marker="o", markersize=3, label=name)
+        if len(done) > 1:
             low, high = [i.low for i in per_round], [i.high for i in per_round]
-            ax.fill_between(range(length), low, high, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("round")
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("round" if x == "round" else "simulated device seconds")
     ax.set_ylabel(label + (f" (mean of {len(sweep.seeds)} seeds)" if len(sweep.seeds) > 1 else ""))
     ax.set_title(sweep.scenario.name)
     ax.grid(alpha=0.3)
