@@ -26,7 +26,7 @@ from hetfed.faults import fault_injection
 from hetfed.models import cached_model
 from hetfed.profiles import DeviceProfiles, Tier, parse_profiles
 from hetfed.rank_pruning import keep_rank, pruned_rank, tail_penalty, tail_score
-from hetfed.training import Encoded, encode_for_task, train_steps
+from hetfed.training import Encoded, encode_split, train_steps
 
 app = ClientApp()
 
@@ -108,9 +108,7 @@ def _encoded_partition(
     labels = list(dataset["label"])
     if data != settings.data:  # a device's own data: number its labels as the server does
         labels = server_label_ids(settings, data, labels)
-    return encode_for_task(
-        settings.model, list(dataset["text"]), labels, worker.label_names, worker.tokenizer
-    )
+    return encode_split(settings.model, dataset, worker.label_names, worker.tokenizer, labels)
 
 
 def server_label_ids(settings: RunSettings, data: DataConfig, labels: list[int]) -> list[int]:

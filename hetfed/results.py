@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,23 +33,19 @@ class RoundStats:
     stragglers: int = 0  # clients left out: they would have missed the round deadline
 
     def record(
-        self,
-        server_round: int,
-        accuracy: float,
-        loss: float,
-        seconds: float,
-        simulated_before: float,
-    ):
-        """The ``metrics.jsonl`` line of this round, with its central evaluation and the
-        simulated seconds of the rounds before it."""
+        self, server_round: int, evaluation: Any, seconds: float, simulated_before: float
+    ) -> RoundRecord:
+        """The ``metrics.jsonl`` line of this round, with its central ``evaluation``
+        (:class:`hetfed.generation.Evaluation`) and the simulated seconds of the rounds before."""
         counters = {k: v for k, v in asdict(self).items() if k != "ranks"}
-        total = simulated_before + self.simulated_seconds
         return RoundRecord(
             round=server_round,
-            accuracy=accuracy,
-            loss=loss,
+            accuracy=evaluation.accuracy,
+            loss=evaluation.loss,
+            rouge_l=evaluation.rouge_l,
+            perplexity=evaluation.perplexity,
             seconds=seconds,
-            simulated_total=total,
+            simulated_total=simulated_before + self.simulated_seconds,
             **counters,
         )
 
@@ -76,6 +73,8 @@ class RoundRecord:
     simulated_seconds: float = 0.0  # the round on the simulated device clock
     simulated_total: float = 0.0  # simulated seconds of the run up to this round
     stragglers: int = 0  # clients left out for the round deadline
+    rouge_l: float | None = None  # generation: ROUGE-L F1 of greedy generations
+    perplexity: float | None = None  # generation: exp(loss per reference target token)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -103,6 +102,14 @@ class ResultsWriter:
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(asdict(record)) + "\n")
 
+    def write_generations(self, generations: Sequence[str], references: Sequence[str]) -> None:
+        """``generations.jsonl``: each evaluated test example's reference and generation."""
+        lines = [
+            json.dumps({"index": i, "reference": reference, "generation": generation})
+            for i, (generation, reference) in enumerate(zip(generations, references, strict=True))
+        ]
+        _atomic_write(self.folder / "generations.jsonl", "\n".join(lines) + "\n")
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.folder / "summary.json", json.dumps(summary, indent=2) + "\n")
 
@@ -114,9 +121,12 @@ class ResultsWriter:
 
         rounds = [r.round for r in self.records]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(rounds, [r.accuracy for r in self.records], marker="o")
+        ax.plot(rounds, [r.accuracy for r in self.records], marker="o", label="accuracy")
+        if any(r.rouge_l is not None for r in self.records):  # the generation task
+            ax.plot(rounds, [r.rouge_l for r in self.records], marker="s", label="ROUGE-L F1")
+            ax.legend()
         ax.set_xlabel("round")
-        ax.set_ylabel("central test accuracy")
+        ax.set_ylabel("central test score")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         path = self.folder / "accuracy.png"

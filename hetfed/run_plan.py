@@ -26,8 +26,16 @@ from hetfed.cost_model import UpdateShape
 from hetfed.data import load_splits, resolve_source
 from hetfed.device_clock import DeviceClock
 from hetfed.errors import ConfigError
-from hetfed.instructions import prompt_layout
-from hetfed.models import INSTRUCTION, cost_shape, load_model_config, load_tokenizer, max_lora_rank
+from hetfed.instructions import generation_layout, prompt_layout
+from hetfed.models import (
+    CAUSAL_TASKS,
+    GENERATION,
+    INSTRUCTION,
+    cost_shape,
+    load_model_config,
+    load_tokenizer,
+    max_lora_rank,
+)
 from hetfed.profiles import AUTO, DeviceProfiles, load_profiles
 from hetfed.registry import load_strategy
 
@@ -93,20 +101,39 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
                 f"{num_layers} layers) or a fraction in (0, 1]",
                 profiles.source,
             )
-    label_names = load_splits(settings.data).label_names
-    scored = 1  # positions whose logits a causal LM computes: the longest answer and one before
-    if settings.model.task == INSTRUCTION:
-        _, _, answers, _ = prompt_layout(
-            load_tokenizer(settings.model.name),
-            label_names,
-            settings.model.max_length,
-            settings.model.prompt,
+    task = settings.model.task
+    data = settings.data
+    if task == GENERATION and not data.pairs:
+        raise ConfigError(
+            "data.target-column",
+            data.target_column,
+            "a column of target texts (or data.source = 'bbc-news-headlines') for "
+            "model.task = 'generation'",
         )
+    if task != GENERATION and data.pairs:
+        key, value = (
+            ("data.target-column", data.target_column)
+            if data.target_column
+            else ("data.source", data.source)
+        )
+        raise ConfigError(key, value, f"no target texts for model.task = {task!r}")
+    splits = load_splits(settings.data)
+    label_names = splits.label_names
+    scored = 1  # positions whose logits a causal LM computes: the longest answer and one before
+    model = settings.model
+    if task == INSTRUCTION:
+        tokenizer = load_tokenizer(model.name)
+        _, _, answers, _ = prompt_layout(tokenizer, label_names, model.max_length, model.prompt)
         scored += max(len(a) for a in answers)
+    elif task == GENERATION:
+        generation_layout(
+            load_tokenizer(model.name), model.max_length, model.prompt, model.max_new_tokens
+        )
+        scored += model.max_new_tokens
     clock = device_clock(settings, len(label_names), scored)
     check_deadline_speeds(settings, profiles)
     classifier = (clock.shape.hidden + 1) * len(label_names)  # a classifier's weight and bias
-    head_bytes = 0 if settings.model.task == INSTRUCTION else 4 * classifier
+    head_bytes = 0 if task in CAUSAL_TASKS else 4 * classifier
     derived_tiers = tuple(t.name for t in profiles.auto)
     profiles, budgets = derive_budgets(profiles, clock, limit, head_bytes)
     resume_from = resume_folder(settings.resume, settings.results_dir)

@@ -8,11 +8,14 @@ use, built once in the ServerApp process.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import RunSettings
+from hetfed.generation import Evaluation, evaluate_generation
+from hetfed.models import GENERATION
 from hetfed.training import Encoded, evaluate
 
 
@@ -22,6 +25,8 @@ class ServerModel:
     host: AdapterHost
     test: Encoded
     public: Encoded | None  # the server split (``data.server-examples``), if any
+    tokenizer: Any = None  # the generation task decodes with it
+    references: list[str] | None = None  # the generation task's test targets
 
     def load(
         self,
@@ -40,8 +45,15 @@ class ServerModel:
         spec: LoraSpec,
         state: dict[str, np.ndarray],
         base_deltas: dict[str, np.ndarray] | None = None,
-    ) -> tuple[float, float]:
-        """Accuracy and loss on the test split."""
+    ) -> Evaluation:
+        """The global model on the test split: accuracy and loss; for the generation task also
+        ROUGE-L, perplexity and the generations (:mod:`hetfed.generation`)."""
+        batch = self.settings.train.eval_batch_size
         with self.host.lock:
             model = self.load(spec, state, base_deltas)
-            return evaluate(model, self.test, self.settings.train.eval_batch_size)
+            if self.settings.model.task == GENERATION:
+                max_new = self.settings.model.max_new_tokens
+                return evaluate_generation(
+                    model, self.test, self.tokenizer, self.references, max_new, batch
+                )
+            return Evaluation(*evaluate(model, self.test, batch))

@@ -11,13 +11,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from hetfed.errors import ConfigError
-from hetfed.instructions import IGNORE, encode_instructions
-from hetfed.models import INSTRUCTION, ModelConfig
+from hetfed.instructions import IGNORE, encode_generation, encode_instructions
+from hetfed.models import GENERATION, INSTRUCTION, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,40 @@ def encode(texts: list[str], labels: list[int], tokenizer, max_length: int) -> E
 
 
 def encode_for_task(
-    cfg: ModelConfig, texts: list[str], labels: list[int], label_names: list[str], tokenizer
+    cfg: ModelConfig,
+    texts: list[str],
+    labels: list[int],
+    label_names: list[str],
+    tokenizer,
+    targets: list[str] | None = None,
 ) -> Encoded:
-    """A split encoded for ``cfg.task``: classes, or instruction prompts with their answers."""
+    """A split encoded for ``cfg.task``: classes, instruction prompts with the labels' names as
+    answers, or generation prompts with their ``targets``."""
+    if cfg.task == GENERATION:
+        return Encoded(
+            *encode_generation(
+                texts, targets, tokenizer, cfg.max_length, cfg.prompt, cfg.max_new_tokens
+            )
+        )
     if cfg.task == INSTRUCTION:
         return Encoded(
             *encode_instructions(texts, labels, label_names, tokenizer, cfg.max_length, cfg.prompt)
         )
     return encode(texts, labels, tokenizer, cfg.max_length)
+
+
+def encode_split(
+    cfg: ModelConfig,
+    dataset: Any,
+    label_names: list[str],
+    tokenizer,
+    labels: list[int] | None = None,
+) -> Encoded:
+    """A split of :mod:`hetfed.data` (``text``, ``label`` and, for pairs, ``target`` columns)
+    encoded for ``cfg.task``; ``labels`` replaces the split's own label ids."""
+    targets = list(dataset["target"]) if "target" in dataset.column_names else None
+    labels = list(dataset["label"]) if labels is None else labels
+    return encode_for_task(cfg, list(dataset["text"]), labels, label_names, tokenizer, targets)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -26,11 +26,11 @@ from hetfed.adapter_state import State
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.checkpoint import Checkpoint, save_checkpoint
 from hetfed.data import load_splits
-from hetfed.models import build_model, compute_device
+from hetfed.models import GENERATION, build_model, compute_device
 from hetfed.results import ResultsWriter, RoundRecord, RoundStats
 from hetfed.run_plan import RunPlan, plan_run
 from hetfed.server_model import ServerModel
-from hetfed.training import Encoded, encode_for_task
+from hetfed.training import Encoded, encode_split
 from strategies.base import LoRAStrategy
 
 app = ServerApp()
@@ -82,6 +82,7 @@ class ServerRun:
     run_config: dict
     started: float = field(default_factory=time.perf_counter)
     last_round_end: float = field(default_factory=time.perf_counter)
+    generations: tuple[str, ...] = ()  # the generation task's texts of the last evaluation
 
     @property
     def checkpoint(self) -> Checkpoint | None:
@@ -101,28 +102,31 @@ class ServerRun:
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Central evaluation of the global model; a line in metrics.jsonl and in the log."""
         strategy, settings = self.strategy, self.plan.settings
-        accuracy, loss = self.server.evaluate(*strategy.model_view(wire.from_record(arrays)))
+        evaluation = self.server.evaluate(*strategy.model_view(wire.from_record(arrays)))
+        self.generations = evaluation.generations
         now = time.perf_counter()
         stats = strategy.stats.get(server_round, RoundStats())
         before = self.writer.records[-1].simulated_total if self.writer.records else 0.0
-        record = stats.record(server_round, accuracy, loss, now - self.last_round_end, before)
+        record = stats.record(server_round, evaluation, now - self.last_round_end, before)
         self.last_round_end = now
         self.writer.add_round(record)
+        rouge = f"  ROUGE-L {record.rouge_l:.4f}" if record.rouge_l is not None else ""
         log(
             INFO,
-            "[hetfed] round %d/%d  accuracy %.4f  loss %.4f  replied %d/%d  "
+            "[hetfed] round %d/%d  accuracy %.4f  loss %.4f%s  replied %d/%d  "
             "down %.2f MB  up %.2f MB  %.1f s",
             server_round,
             settings.num_server_rounds,
-            accuracy,
-            loss,
+            record.accuracy,
+            record.loss,
+            rouge,
             record.replied,
             record.sampled,
             record.bytes_down / 1e6,
             record.bytes_up / 1e6,
             record.seconds,
         )
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        return MetricRecord({"accuracy": record.accuracy, "loss": record.loss})
 
     def save(self, server_round: int, arrays: ArrayRecord) -> None:
         """The checkpoint after a round (:mod:`hetfed.checkpoint`, replaced atomically)."""
@@ -162,11 +166,12 @@ def build(grid: Grid, context: Context) -> ServerRun:
     model.to(compute_device())  # evaluation and server-side training run there
 
     def tokenized(dataset) -> Encoded:
-        texts, labels = list(dataset["text"]), list(dataset["label"])
-        return encode_for_task(settings.model, texts, labels, splits.label_names, tokenizer)
+        return encode_split(settings.model, dataset, splits.label_names, tokenizer)
 
     public = tokenized(splits.server) if splits.server is not None else None
-    server = ServerModel(settings, AdapterHost(model), tokenized(splits.test), public)
+    test = tokenized(splits.test)
+    references = list(splits.test["target"]) if settings.model.task == GENERATION else None
+    server = ServerModel(settings, AdapterHost(model), test, public, tokenizer, references)
     strategy.bind(server)
     return ServerRun(plan, strategy, server, writer, splits.label_names, dict(context.run_config))
 
@@ -202,9 +207,12 @@ def export(job: ServerRun, state: State) -> Path:
 
 
 def summarize(job: ServerRun, adapter_dir: Path) -> None:
-    """``summary.json`` and ``accuracy.png``."""
+    """``summary.json``, ``accuracy.png`` and, for the generation task, ``generations.jsonl``
+    (the final model's greedy generations of the evaluated test examples)."""
     settings, strategy, records = job.plan.settings, job.strategy, job.writer.records
     final = records[-1]
+    if job.generations:
+        job.writer.write_generations(job.generations, job.server.references)
     job.writer.plot(f"{strategy.name} on {settings.data.source} ({settings.model.name})")
     job.writer.write_summary(
         {
@@ -212,6 +220,11 @@ def summarize(job: ServerRun, adapter_dir: Path) -> None:
             "final_accuracy": final.accuracy,
             "best_accuracy": max(r.accuracy for r in records),
             "initial_accuracy": records[0].accuracy,
+            "final_rouge_l": final.rouge_l,
+            "best_rouge_l": max(
+                (r.rouge_l for r in records if r.rouge_l is not None), default=None
+            ),
+            "final_perplexity": final.perplexity,
             "rounds": settings.num_server_rounds,
             "bytes_down": sum(r.bytes_down for r in records),
             "bytes_up": sum(r.bytes_up for r in records),

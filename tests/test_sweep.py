@@ -17,6 +17,7 @@ from tooling.sweep import (
     comparison_rows,
     load_sweep,
     run_sweep,
+    when_reached,
     write_comparison,
     write_variant,
 )
@@ -44,6 +45,12 @@ def test_variant_sets_keys_the_scenario_does_not_name(tmp_path, tiny_config):
         ("scenario: base\nruns: {a: 3}", "runs.a"),
         ("scenario: base\nseeds: [x]\nruns: {a: {strategy: fedit}}", "seeds"),
         ("scenario: base\nrun: {a: {}}", "run"),
+        ("scenario: base\ntarget-rouge-l: 1.5\nruns: {a: {strategy: fedit}}", "target-rouge-l"),
+        ("scenario: base\ntarget-perplexity: 0.5\nruns: {a: {}}", "target-perplexity"),
+        (
+            "scenario: base\ntarget-accuracy: 0.5\ntarget-rouge-l: 0.3\nruns: {a: {}}",
+            "target-rouge-l",
+        ),
     ],
 )
 def test_bad_sweep_files_name_the_key(tmp_path, tiny_config, text, key):
@@ -52,6 +59,22 @@ def test_bad_sweep_files_name_the_key(tmp_path, tiny_config, text, key):
     with pytest.raises(ConfigError) as info:
         load_sweep(tmp_path / "s.yaml")
     assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [("target-accuracy: 0.5", 2), ("target-rouge-l: 0.3", 3), ("target-perplexity: 4", 2)],
+)
+def test_the_target_metric_is_reached_in_its_direction(tmp_path, tiny_config, target, expected):
+    """Rounds to target: the first round whose metric reaches it, lower perplexity better."""
+    write_scenario(tmp_path / "base", tiny_config)
+    (tmp_path / "s.yaml").write_text(f"scenario: base\n{target}\nruns: {{a: {{}}}}")
+    records = [
+        {"round": 1, "accuracy": 0.2, "rouge_l": 0.1, "perplexity": 9.0},
+        {"round": 2, "accuracy": 0.6, "rouge_l": 0.2, "perplexity": 3.5},
+        {"round": 3, "accuracy": 0.4, "rouge_l": 0.35, "perplexity": 5.0},
+    ]
+    assert when_reached(records, load_sweep(tmp_path / "s.yaml")) == expected
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ A sweep file (YAML)::
 
     scenario: scenarios/banking77-ranks     # relative to the sweep file
     seeds: [1, 2, 3]                        # optional (default [42]); each run once per seed
-    target-accuracy: 0.5                    # optional; for "rounds to target"
+    target-accuracy: 0.5                    # optional, for "rounds to target"; or
+                                            # target-rouge-l, target-perplexity (lower is better)
     baseline: fedit                         # optional; paired differences to this run
     runs:                                   # name -> run-config keys set for that run
       hetlora: {strategy: hetlora}
@@ -36,7 +37,13 @@ from hetfed.results import read_metrics
 from tooling.scenarios import run, write_variant
 from tooling.stats import Interval, mean_interval, paired_difference
 
-SWEEP_KEYS = ("scenario", "seeds", "target-accuracy", "baseline", "runs")
+# the sweep file's target keys: the metric of metrics.jsonl, whether lower is better, its range
+TARGETS = {
+    "target-accuracy": ("accuracy", False, "a number in (0, 1]"),
+    "target-rouge-l": ("rouge_l", False, "a number in (0, 1]"),
+    "target-perplexity": ("perplexity", True, "a number >= 1"),
+}
+SWEEP_KEYS = ("scenario", "seeds", *TARGETS, "baseline", "runs")
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,8 @@ class Sweep:
     scenario: Path
     runs: dict[str, dict[str, Any]]
     seeds: tuple[int, ...] = (42,)
-    target_accuracy: float | None = None
+    target: float | None = None  # the value of the target metric that counts as reached
+    target_key: str = "target-accuracy"  # which one (TARGETS)
     baseline: str | None = None  # a run name: every run's paired difference to it
 
 
@@ -70,14 +78,22 @@ def load_sweep(path: str | Path) -> Sweep:
     seeds = doc.get("seeds", [42])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError("seeds", seeds, "a list of integers", source)
-    target = doc.get("target-accuracy")
-    if target is not None and not (isinstance(target, int | float) and 0 < target <= 1):
-        raise ConfigError("target-accuracy", target, "a number in (0, 1]", source)
+    targets = [key for key in TARGETS if key in doc]
+    if len(targets) > 1:
+        raise ConfigError(
+            targets[1], doc[targets[1]], f"only one target key ({targets[0]} is set)", source
+        )
+    target_key = targets[0] if targets else "target-accuracy"
+    target = doc.get(target_key)
+    _, lower, allowed = TARGETS[target_key]
+    in_range = isinstance(target, int | float) and (target >= 1 if lower else 0 < target <= 1)
+    if target is not None and not in_range:
+        raise ConfigError(target_key, target, allowed, source)
     baseline = doc.get("baseline")
     if baseline is not None and baseline not in runs:
         raise ConfigError("baseline", baseline, f"one of the runs: {', '.join(runs)}", source)
     runs = {str(k): dict(v) for k, v in runs.items()}
-    return Sweep(scenario, runs, tuple(seeds), target, baseline)
+    return Sweep(scenario, runs, tuple(seeds), target, target_key, baseline)
 
 
 def run_sweep(sweep: Sweep, out: str | Path) -> list[dict[str, Any]]:
@@ -105,14 +121,17 @@ def run_sweep(sweep: Sweep, out: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def when_reached(
-    records: list[dict[str, Any]], target: float | None, key: str = "round"
-) -> float | None:
-    """``key`` (the round, or the simulated seconds) of the first round whose accuracy reaches
-    ``target``; None when no round does (or there is no target)."""
-    if target is None:
+def when_reached(records: list[dict[str, Any]], sweep: Sweep, key: str = "round") -> float | None:
+    """``key`` (the round, or the simulated seconds) of the first round whose target metric
+    reaches the sweep's target; None when no round does (or there is no target)."""
+    if sweep.target is None:
         return None
-    return next((r.get(key) for r in records if r["accuracy"] >= target), None)
+    metric, lower, _ = TARGETS[sweep.target_key]
+
+    def reached(value: float | None) -> bool:
+        return value is not None and (value <= sweep.target if lower else value >= sweep.target)
+
+    return next((r.get(key) for r in records if reached(r.get(metric))), None)
 
 
 def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
@@ -139,10 +158,10 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                     "final_accuracy": round(summary["final_accuracy"], 4),
                     "best_accuracy": round(summary["best_accuracy"], 4),
                     "final_loss": round(records[-1]["loss"], 4),
-                    "rounds_to_target": when_reached(records, sweep.target_accuracy),
-                    "simulated_to_target": when_reached(
-                        records, sweep.target_accuracy, "simulated_total"
-                    ),
+                    "final_rouge_l": summary.get("final_rouge_l"),
+                    "final_perplexity": summary.get("final_perplexity"),
+                    "rounds_to_target": when_reached(records, sweep),
+                    "simulated_to_target": when_reached(records, sweep, "simulated_total"),
                     "mb_down": round(summary["bytes_down"] / 1e6, 2),
                     "mb_up": round(summary["bytes_up"] / 1e6, 2),
                     "simulated_seconds": summary.get("simulated_seconds"),
@@ -151,6 +170,7 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                     "accuracy_by_round": [r["accuracy"] for r in records],
                     "loss_by_round": [r["loss"] for r in records],
                     "simulated_by_round": [r.get("simulated_total", 0.0) for r in records],
+                    "rouge_l_by_round": [r.get("rouge_l") for r in records],
                 }
             )
     return rows
@@ -161,6 +181,8 @@ SUMMARISED = (
     "final_accuracy",
     "best_accuracy",
     "final_loss",
+    "final_rouge_l",
+    "final_perplexity",
     "rounds_to_target",
     "simulated_to_target",
     "mb_down",
@@ -170,7 +192,13 @@ SUMMARISED = (
     "seconds",
 )
 COLUMNS = ("run", "strategy", "seed", "status", *SUMMARISED)
-PAIRED = ("final_accuracy", "best_accuracy", "final_loss")  # compared with the baseline by seed
+PAIRED = (
+    "final_accuracy",
+    "best_accuracy",
+    "final_loss",
+    "final_rouge_l",
+    "final_perplexity",
+)  # compared with the baseline by seed
 
 
 def seed_values(rows: list[dict[str, Any]], run: str, metric: str) -> dict[int, float]:
@@ -235,6 +263,8 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
     (out / "comparison.md").write_text(comparison_markdown(rows, summaries, sweep), "utf-8")
     for metric, label in (("accuracy", "central test accuracy"), ("loss", "central test loss")):
         plot_curves(rows, sweep, metric, label, out / f"{metric}.png")
+    if any(r.get("final_rouge_l") is not None for r in rows):  # the generation task
+        plot_curves(rows, sweep, "rouge_l", "ROUGE-L F1 of greedy generations", out / "rouge_l.png")
     if any(r.get("simulated_seconds") for r in rows):  # the device clock ran: against its time
         label = "central test accuracy"
         plot_curves(rows, sweep, "accuracy", label, out / "accuracy_vs_time.png", "simulated")
@@ -250,9 +280,12 @@ def comparison_markdown(
     """The per-run table over seeds (mean ± 95% interval half-width) and the per-seed table."""
     lines = []
     if len(sweep.seeds) > 1:
-        columns = ["final_accuracy", "best_accuracy", "final_loss"]
+        generation = any(r.get("final_rouge_l") is not None for r in rows)
+        quality = ["final_rouge_l", "final_perplexity"] if generation else []
+        columns = ["final_accuracy", "best_accuracy", "final_loss", *quality]
         if sweep.baseline is not None:
-            columns += [f"{m}_vs_baseline" for m in ("final_accuracy", "final_loss")]
+            compared = ["final_rouge_l", "final_perplexity"] if generation else ["final_accuracy"]
+            columns += [f"{m}_vs_baseline" for m in (*compared, "final_loss")]
         columns += ["rounds_to_target", "mb_down", "mb_up", "seconds"]
         if any(r.get("simulated_seconds") for r in rows):  # the device clock ran
             columns[-1:-1] = ["simulated_to_target", "simulated_seconds", "stragglers"]
@@ -270,7 +303,7 @@ def comparison_markdown(
         for summary in summaries:
             cells = [summary["run"], summary["strategy"], str(summary["seeds"])]
             for column in columns:
-                digits = 3 if column in SUMMARISED[:3] or "_vs_" in column else 1
+                digits = 3 if column in SUMMARISED[:5] or "_vs_" in column else 1
                 text = summary[column].format(digits)
                 if column.endswith("_to_target") and summary["seeds"]:
                     text = f"{text} ({summary['reached_target']}/{summary['seeds']} reached)"
@@ -281,10 +314,12 @@ def comparison_markdown(
     for row in rows:
         cells = ["" if row.get(c) is None else str(row.get(c)) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    if sweep.target_accuracy is not None:
+    if sweep.target is not None:
+        metric, lower, _ = TARGETS[sweep.target_key]
         lines.append(
-            f"\nrounds_to_target, simulated_to_target: the first round with accuracy >= "
-            f"{sweep.target_accuracy}, and the simulated device seconds until its end"
+            f"\nrounds_to_target, simulated_to_target: the first round with {metric} "
+            f"{'<=' if lower else '>='} {sweep.target}, and the simulated device seconds until "
+            "its end"
         )
     return "\n".join(lines) + "\n"
 
