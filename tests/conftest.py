@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +99,14 @@ def _toml(value) -> str:
 
 
 def write_scenario(
-    folder: Path, config: dict, profiles: str = TINY_PROFILES, num_supernodes: int = 4
+    folder: Path,
+    config: dict,
+    profiles: str = TINY_PROFILES,
+    num_supernodes: int = 4,
+    simulation: dict | None = None,
 ) -> Path:
-    """A scenario folder like scenarios/quickstart, configured by ``config``."""
+    """A scenario folder like scenarios/quickstart, configured by ``config`` (and
+    ``[tool.hetfed.simulation]`` by ``simulation``)."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = [
         "[build-system]",
@@ -125,6 +131,7 @@ def write_scenario(
         "",
         "[tool.hetfed.simulation]",
         f"num-supernodes = {num_supernodes}",
+        *[f"{key} = {_toml(value)}" for key, value in (simulation or {}).items()],
     ]
     (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
     (folder / "profiles.yaml").write_text(profiles)
@@ -168,9 +175,23 @@ def flower_home(tmp_path_factory):
             )
     home = tmp_path_factory.mktemp("flwr-home")
     yield home
-    for pid, environ in _local_superlinks().items():
-        if f"FLWR_HOME={home}".encode() in environ:
-            os.kill(pid, signal.SIGTERM)
+    stop_local_superlinks(home)
+
+
+def stop_local_superlinks(home: Path, timeout: float = 30) -> None:
+    """Stop the local SuperLinks that ``flwr`` started with ``FLWR_HOME=home``, and wait until
+    they are gone."""
+
+    def running() -> list[int]:
+        marker = f"FLWR_HOME={home}".encode()
+        return [pid for pid, environ in _local_superlinks().items() if marker in environ]
+
+    for pid in running():
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while running():
+        assert time.monotonic() < deadline, f"the local SuperLink of {home} did not stop"
+        time.sleep(0.5)
 
 
 def hetfed_run(
@@ -179,10 +200,11 @@ def hetfed_run(
     scenario: Path,
     overrides: tuple[str, ...] = (),
     timeout: float = 420,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """``hetfed run SCENARIO -c ...`` (which calls ``flwr run``) from ``cwd``, on the local
-    SuperLink of ``flower_home``."""
-    env = {**os.environ, "FLWR_HOME": str(flower_home)}
+    SuperLink of ``flower_home`` (in the environment plus ``env``)."""
+    env = {**os.environ, **(env or {}), "FLWR_HOME": str(flower_home)}
     command = [sys.executable, "-m", "tooling.cli", "run", str(scenario)]
     for override in overrides:
         command += ["-c", override]

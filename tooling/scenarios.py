@@ -149,7 +149,7 @@ def run(folder: str | Path, overrides: list[str]) -> int:
     federation = " ".join(f"{k}={_toml_value(v)}" for k, v in simulation_settings(folder).items())
     command = ["flwr", "run", str(folder), "--stream"]
     if overrides:
-        # one --run-config: flwr 1.41 parses each flag on its own and merges them shallowly,
+        # one --run-config: flwr (1.41, 1.42) parses each flag on its own and merges them shallowly,
         # so a second data.* override would replace the first one's whole data section
         command += ["--run-config", " ".join(overrides)]
     if federation:
