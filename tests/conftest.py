@@ -131,6 +131,17 @@ def write_scenario(
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache_folder(tmp_path_factory) -> Path:
+    """Prepared base models (hetfed.model_cache, HETFED_CACHE) go to a folder of this test
+    session, not to ~/.cache/hetfed; the processes that tests start inherit it. (Named here, not
+    imported: hetfed.model_cache imports transformers, which light tests need not pay for.)"""
+    folder = tmp_path_factory.mktemp("model-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HETFED_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def server_identity():
     """Flower stamps messages with the running task's identity; give tests one."""

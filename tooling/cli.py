@@ -11,9 +11,9 @@
   client of the scenario's model: FLOPs, peak memory, bytes (:mod:`tooling.costs`).
 - ``hetfed sweep SWEEP.yaml [--out DIR]``: run a scenario over strategies, options and seeds
   (:mod:`tooling.sweep`), skipping finished runs, and write the comparison tables and plots.
-- ``hetfed bench [--quick] [--items 1,2,3,4] [--out FILE]``: measure the cost model (client
-  updates/s, framework overhead, server aggregation, server memory per client;
-  :mod:`tooling.bench`), print tables and write JSON.
+- ``hetfed bench [--quick] [--items 1,2,3,4,5] [--out FILE]``: measure the cost model (client
+  updates/s, framework overhead, server aggregation, server memory per client, per-message
+  device cost; :mod:`tooling.bench`), print tables and write JSON.
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ def _numbers(text: str) -> tuple[int, ...]:
     return numbers
 
 
+BENCH_ITEMS = (1, 2, 3, 4, 5)
+
+
 def _bench_items(text: str) -> tuple[int, ...]:
     items = tuple(sorted({int(i) for i in text.split(",") if i.strip()}))
-    if not items or not set(items) <= {1, 2, 3, 4}:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated items among 1, 2, 3, 4")
+    if not items or not set(items) <= set(BENCH_ITEMS):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated items among 1, 2, 3, 4, 5")
     return items
 
 
@@ -71,9 +74,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--items",
         type=_bench_items,
-        default=(1, 2, 3, 4),
+        default=BENCH_ITEMS,
         help="comma-separated items: 1 client updates/s, 2 framework overhead, "
-        "3 server aggregation, 4 server memory per client (default: all)",
+        "3 server aggregation, 4 server memory per client, 5 per-message device cost "
+        "(default: all)",
     )
     bench.add_argument(
         "--out", default="results/bench/bench.json", help="JSON file (default: %(default)s)"
@@ -81,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scenario",
         default="scenarios/quickstart",
-        help="scenario of items 1, 2 and 4 (default: %(default)s)",
+        help="scenario of items 1, 2, 4 and 5 (default: %(default)s)",
     )
     bench.add_argument(
         "--dense-modules",
@@ -91,6 +95,11 @@ def parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--cpus", type=int, default=1, help="item 2: CPUs of the one simulation worker"
+    )
+    bench.add_argument(
+        "--baseline",
+        help="item 5: also measure the apps of this hetfed checkout (e.g. an older commit), "
+        "first, on the same machine",
     )
     return parser
 
@@ -114,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             from tooling.bench.command import run_bench
 
             run_bench(
-                args.items, args.quick, args.out, args.scenario, args.dense_modules, args.cpus
+                args.items,
+                args.quick,
+                args.out,
+                args.scenario,
+                args.dense_modules,
+                args.cpus,
+                args.baseline,
             )
             return 0
         if args.command == "costs":

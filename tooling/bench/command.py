@@ -28,10 +28,11 @@ from tooling.bench.aggregation import (
 )
 from tooling.bench.client_throughput import client_throughput
 from tooling.bench.common import DEFAULT_OUT, QUICK_WORKLOAD, QUICKSTART, WORKLOAD, quiet_flower
+from tooling.bench.device_messages import device_messages
 from tooling.bench.overhead import framework_overhead
 from tooling.bench.server_memory import server_memory
 
-ITEMS = (1, 2, 3, 4)
+ITEMS = (1, 2, 3, 4, 5)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Sizes:
     large_ranks: tuple[int, ...] = (4, 8, 16)
     large_block: dict[str, tuple[int, int]] = field(default_factory=lambda: LLAMA_7B_BLOCK)
     populations: tuple[int, ...] = (500, 5000)  # item 4
+    device_nodes: int = 3  # item 5: SuperNodes, as in the deployment test
+    device_rounds: int = 3
 
 
 FULL = Sizes()
@@ -65,6 +68,7 @@ QUICK = Sizes(
     large_clients=8,
     large_block=QUICK_7B_BLOCK,
     populations=(20, 200),
+    device_rounds=2,
 )
 
 
@@ -204,6 +208,18 @@ def report(results: dict[str, Any]) -> str:
             + _table(("clients", "strategy bytes", "registration s"), rows)
             + f"\n\n{item['bytes_per_client']:.0f} bytes per client (target < 1024)"
         )
+    if "device_messages" in results:
+        item = results["device_messages"]
+        rows = [
+            (variant, kind, k["messages"], k["reply_seconds"], k["wall_seconds"], k["cpu_seconds"])
+            for variant, v in item["variants"].items()
+            for kind, k in v["kinds"].items()
+        ]
+        parts.append(
+            f"## 5. Per-message device cost ({item['nodes']} SuperNodes, {item['rounds']} "
+            "rounds)\n\n"
+            + _table(("apps", "message", "messages", "reply s", "process s", "CPU s"), rows)
+        )
     return "\n\n".join(parts)
 
 
@@ -214,6 +230,7 @@ def run_bench(
     scenario: str | Path = QUICKSTART,
     dense_modules: str = "per-shape",
     cpus: int = 1,
+    baseline: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the chosen items in order, print their tables, write the JSON after each item."""
     out = Path(out)
@@ -260,6 +277,18 @@ def run_bench(
             ),
         ],
         4: [("server_memory", lambda: server_memory(scenario, sizes.populations))],
+        5: [
+            (
+                "device_messages",
+                lambda: device_messages(
+                    scenario,
+                    out.parent / "devices",
+                    sizes.device_nodes,
+                    sizes.device_rounds,
+                    baseline,
+                ),
+            )
+        ],
     }
     for item in sorted(set(items)):
         for key, measure in steps[item]:
