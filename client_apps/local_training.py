@@ -18,9 +18,9 @@ from flwr.app import Context, Message, RecordDict
 from client_apps.node_config import NODE_DATA, NUM_PARTITIONS, PARTITION_ID, client_id
 from hetfed import adapter_state, seeds, wire
 from hetfed.adapters import AdapterHost, LoraSpec
-from hetfed.config import RunSettings, parse_run_config
+from hetfed.config import RunSettings, parse_run_config, require_runs_on
 from hetfed.data import DataConfig, load_partition, load_splits, require_known_labels
-from hetfed.models import cached_model
+from hetfed.models import cached_model, compute_device
 from hetfed.rank_pruning import keep_rank, pruned_rank, tail_penalty, tail_score
 from hetfed.training import Encoded, encode_split, train_steps
 
@@ -37,6 +37,7 @@ class Worker:
 
 @lru_cache(maxsize=4)
 def _worker(settings: RunSettings) -> Worker:
+    require_runs_on(settings, compute_device())  # a CPU device refuses fp16 or a quantized base
     label_names = load_splits(settings.data).label_names
     model, tokenizer = cached_model(settings.model, len(label_names), seed=settings.seed)
     return Worker(settings, AdapterHost(model), tokenizer, label_names)

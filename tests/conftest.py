@@ -9,12 +9,17 @@ import random
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
+
+from hetfed.model_cache import CACHE_ENV
+from hetfed.results import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -132,14 +137,22 @@ def write_scenario(
 
 
 @pytest.fixture(scope="session", autouse=True)
-def model_cache_folder(tmp_path_factory) -> Path:
-    """Prepared base models (hetfed.model_cache, HETFED_CACHE) go to a folder of this test
-    session, not to ~/.cache/hetfed; the processes that tests start inherit it. (Named here, not
-    imported: hetfed.model_cache imports transformers, which light tests need not pay for.)"""
+def model_cache_folder(tmp_path_factory) -> Iterator[Path]:
+    """Prepared base models (:mod:`hetfed.model_cache`) go to a folder of this test session, not
+    to ~/.cache/hetfed; the processes that tests start inherit it."""
     folder = tmp_path_factory.mktemp("model-cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HETFED_CACHE", str(folder))
+        patch.setenv(CACHE_ENV, str(folder))
         yield folder
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train fastest on one thread (and the bench sets its own threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -218,6 +231,19 @@ def run_scenario(flower_home, tmp_path):
         return proc, tmp_path / config.get("results-dir", "results")
 
     return _run
+
+
+def learned_rounds(
+    proc: subprocess.CompletedProcess, results: Path, replies: int = 4, gain: float = 0.1
+) -> list[dict]:
+    """The rounds of a run that completed, in which every round after the first evaluation got
+    ``replies`` replies and rejected none, and the accuracy rose by more than ``gain``."""
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rounds = read_metrics(results)
+    assert [r["replied"] for r in rounds[1:]] == [replies] * (len(rounds) - 1)
+    assert rounds[0]["replied"] == 0 and all(r["rejected"] == 0 for r in rounds)
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + gain
+    return rounds
 
 
 def adapter_tensors(results: Path) -> dict[str, np.ndarray]:

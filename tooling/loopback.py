@@ -181,16 +181,6 @@ class Processes:
                 pass
         proc.wait(timeout=30)
 
-    def kill(self, name: str) -> list[Pid]:
-        """SIGKILL the process alone (a crash of that process); its descendants, returned, are
-        left to notice by themselves. Its log is kept as ``<name>-killed.log``."""
-        proc = self.procs.pop(name)
-        orphans = self._descendants(proc.pid)
-        proc.kill()
-        proc.wait(timeout=30)
-        (self.folder / f"{name}.log").rename(self.folder / f"{name}-killed.log")
-        return orphans
-
     def stop(self, *names: str) -> None:
         """SIGTERM (Flower shuts down gracefully), SIGKILL after 20 s; then their descendants,
         which watch their parent's pid and normally exit on their own."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tooling import scenarios
+from tooling.bench import ITEMS
 from tooling.bench.aggregation import (
     LLAMA_7B_BLOCK,
     QUICK_7B_BLOCK,
@@ -30,9 +31,12 @@ from tooling.bench.client_throughput import client_throughput
 from tooling.bench.common import DEFAULT_OUT, QUICK_WORKLOAD, QUICKSTART, WORKLOAD, quiet_flower
 from tooling.bench.device_messages import device_messages
 from tooling.bench.overhead import framework_overhead
+from tooling.bench.precision import (
+    PRECISION_WORKLOADS,
+    QUICK_PRECISION_WORKLOADS,
+    training_precision,
+)
 from tooling.bench.server_memory import server_memory
-
-ITEMS = (1, 2, 3, 4, 5)
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,12 @@ class Sizes:
     large_ranks: tuple[int, ...] = (4, 8, 16)
     large_block: dict[str, tuple[int, int]] = field(default_factory=lambda: LLAMA_7B_BLOCK)
     populations: tuple[int, ...] = (500, 5000)  # item 4
-    device_nodes: int = 3  # item 5: SuperNodes, as in the deployment test
+    precision_workloads: dict[str, dict[str, Any]] = field(  # item 5: model -> overrides
+        default_factory=lambda: PRECISION_WORKLOADS
+    )
+    precision_steps: int = 10
+    precision_repeats: int = 3
+    device_nodes: int = 3  # item 6: SuperNodes, as in the deployment test
     device_rounds: int = 3
 
 
@@ -68,6 +77,9 @@ QUICK = Sizes(
     large_clients=8,
     large_block=QUICK_7B_BLOCK,
     populations=(20, 200),
+    precision_workloads=QUICK_PRECISION_WORKLOADS,
+    precision_steps=2,
+    precision_repeats=2,
     device_rounds=2,
 )
 
@@ -208,6 +220,27 @@ def report(results: dict[str, Any]) -> str:
             + _table(("clients", "strategy bytes", "registration s"), rows)
             + f"\n\n{item['bytes_per_client']:.0f} bytes per client (target < 1024)"
         )
+    if "training_precision" in results:
+        rows = [
+            (
+                f"{m['model']} ({m['task']})",
+                name,
+                m["batch_size"],
+                m["steps"],
+                1000 * v["median_step_seconds"],
+                v["train_loss"],
+                v["median_step_seconds"] / m["variants"]["fp32"]["median_step_seconds"],
+            )
+            for m in results["training_precision"]["models"]
+            for name, v in m["variants"].items()
+        ]
+        parts.append(
+            "## 5. Training precision, bf16 against fp32\n\n"
+            + _table(
+                ("model", "variant", "batch", "steps", "ms/step", "train loss", "time / fp32"),
+                rows,
+            )
+        )
     if "device_messages" in results:
         item = results["device_messages"]
         rows = [
@@ -216,7 +249,7 @@ def report(results: dict[str, Any]) -> str:
             for kind, k in v["kinds"].items()
         ]
         parts.append(
-            f"## 5. Per-message device cost ({item['nodes']} SuperNodes, {item['rounds']} "
+            f"## 6. Per-message device cost ({item['nodes']} SuperNodes, {item['rounds']} "
             "rounds)\n\n"
             + _table(("apps", "message", "messages", "reply s", "process s", "CPU s"), rows)
         )
@@ -278,6 +311,18 @@ def run_bench(
         ],
         4: [("server_memory", lambda: server_memory(scenario, sizes.populations))],
         5: [
+            (
+                "training_precision",
+                lambda: training_precision(
+                    scenario,
+                    sizes.precision_workloads,
+                    sizes.precision_steps,
+                    sizes.precision_repeats,
+                    cpus,
+                ),
+            )
+        ],
+        6: [
             (
                 "device_messages",
                 lambda: device_messages(
