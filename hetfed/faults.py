@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 
 from hetfed import adapter_state, seeds, wire
-from hetfed.config import FaultSettings, parse_run_config
+
+if TYPE_CHECKING:
+    from hetfed.config import FaultSettings
 
 
 def choose_faults(
@@ -61,6 +64,10 @@ def fault_injection(
     msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
 ) -> Message:
     """Client mod: misbehave when the run configures faults and the server says so."""
+    # imported here: the ClientApp's module imports this mod, and hetfed.config brings
+    # PyTorch and transformers, which a budget query must not import
+    from hetfed.config import parse_run_config
+
     settings, _ = parse_run_config(context.run_config, strict=False)
     config = msg.content[wire.CONFIG]
     if settings.faults.fraction > 0 and wire.FAULT in config:

@@ -1,4 +1,5 @@
-"""Base models: resolve a name to weights, build the model of the task, cache one per process.
+"""Base models: resolve a name to weights, build the model of the task, cache one per process
+(and a prepared copy of pretrained weights on disk, :mod:`hetfed.model_cache`).
 
 ``model.name`` accepts a Hugging Face Hub name, a local folder, a local ``.gguf`` file, or one of
 the built-in names:
@@ -38,7 +39,6 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
-    AutoTokenizer,
     BertConfig,
     BertModel,
     BitsAndBytesConfig,
@@ -47,6 +47,7 @@ from transformers import (
 
 from hetfed.cost_model import ModelShape, model_shape
 from hetfed.errors import ConfigError
+from hetfed.model_cache import ModelSource, pretrained_model, pretrained_tokenizer
 
 MINILM = "all-MiniLM-L6-v2"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -169,20 +170,6 @@ def _packaged_smollm2() -> Path | None:
     return gguf if gguf.is_file() else None
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where weights come from: a folder or Hub name, and the GGUF file in it if quantized."""
-
-    path: str
-    gguf_file: str | None = None
-
-    def load(self, auto_class, **kwargs):
-        """``auto_class.from_pretrained`` of this source (GGUF weights are dequantized)."""
-        if self.gguf_file is not None:
-            kwargs["gguf_file"] = self.gguf_file
-        return auto_class.from_pretrained(self.path, **kwargs)
-
-
 def resolve_model_source(name: str) -> ModelSource:
     """Where the weights of ``name`` come from: a local folder or file when one exists (packaged
     weights included), else the name as a Hub name."""
@@ -205,7 +192,7 @@ def resolve_model_source(name: str) -> ModelSource:
 def load_tokenizer(name: str):
     """The tokenizer of model ``name`` (cached: the run check, the tiny models' configs and the
     benchmark's partitions ask for it again and again; a GGUF tokenizer takes seconds to read)."""
-    return resolve_model_source(name).load(AutoTokenizer)
+    return pretrained_tokenizer(resolve_model_source(name))
 
 
 @functools.lru_cache(maxsize=8)
@@ -271,7 +258,7 @@ def build_classifier(
         elif cfg.name in _TINY_RANDOM:
             backbone = AutoModel.from_config(_tiny_config(cfg.name)).to(cfg.torch_dtype)
         else:
-            backbone = source.load(AutoModel, **_weights_kwargs(cfg))
+            backbone = pretrained_model(source, AutoModel, **_weights_kwargs(cfg))
         return TextClassifier(backbone, num_labels, cfg.pooling)
 
     return _frozen_model(cfg, seed, make)
@@ -287,7 +274,7 @@ def build_causal_lm(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, object]
     def make(source: ModelSource) -> nn.Module:
         if cfg.name in _TINY_RANDOM:
             return AutoModelForCausalLM.from_config(_tiny_config(cfg.name)).to(cfg.torch_dtype)
-        return source.load(AutoModelForCausalLM, **_weights_kwargs(cfg))
+        return pretrained_model(source, AutoModelForCausalLM, **_weights_kwargs(cfg))
 
     model, tokenizer = _frozen_model(cfg, seed, make)
     model.config.use_cache = False  # training and teacher-forced evaluation need no KV cache
@@ -321,7 +308,7 @@ def _frozen_model(
     try:
         # read anew, not load_tokenizer's cache: hetfed bench's naive baseline rebuilds the
         # tokenizer along with the weights on every call
-        tokenizer = source.load(AutoTokenizer)
+        tokenizer = pretrained_tokenizer(source)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = make(source)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
+from hetfed.model_cache import CACHE_ENV
 from hetfed.results import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,6 +141,16 @@ def write_scenario(
     (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
     (folder / "profiles.yaml").write_text(profiles)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache_folder(tmp_path_factory) -> Iterator[Path]:
+    """Prepared base models (:mod:`hetfed.model_cache`) go to a folder of this test session, not
+    to ~/.cache/hetfed; the processes that tests start inherit it."""
+    folder = tmp_path_factory.mktemp("model-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture

@@ -167,7 +167,7 @@ def test_bench_command_quick_item_4_prints_and_writes_json(tmp_path, capsys):
 
 def test_bench_items_are_checked():
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--items", "1,6"])
+        cli.main(["bench", "--items", "1,7"])
 
 
 def test_round_records_train_seconds_over_configure_to_aggregate():

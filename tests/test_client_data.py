@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from client_apps.lora_client import server_label_ids
+from client_apps.local_training import server_label_ids
 from hetfed.config import RunSettings
 from hetfed.data import DataConfig, load_splits
 from hetfed.errors import ConfigError

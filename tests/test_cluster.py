@@ -8,8 +8,8 @@ reaches it through the SuperLink that ``flwr`` starts, and ``flwr`` would reuse 
 listening on its port, so the run gets a SuperLink of its own (``FLWR_HOME`` and ports). The
 actor pool is sized node by node: one ClientApp actor on the head, two on the second node. The
 state API is served by the head's dashboard, which needs ``ray[default]`` (hetfed's ``cluster``
-extra). Nothing started here outlives the test: the processes are stopped by pid, and any left
-that names the test's Ray folder is killed.
+extra). Nothing started here outlives the test: the Ray nodes are stopped with their processes
+(``tooling/loopback.py``), and none is left that names the cluster's ports.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -28,14 +27,13 @@ import pytest
 
 from hetfed.results import read_metrics
 from tests.conftest import hetfed_run, stop_local_superlinks, write_scenario
-from tests.processes import Processes, free_ports, listening
+from tooling.loopback import BIN, Processes, free_ports
 
 pytestmark = pytest.mark.cluster
 
 if importlib.util.find_spec("ray") is None:
     pytest.skip("needs Ray", allow_module_level=True)
 
-BIN = Path(sys.executable).parent
 HEAD_CPUS, WORKER_CPUS = 1, 2
 CLIENT = "ClientAppActor"  # Flower's Ray actor; each call of its ``run`` is one message
 
@@ -90,8 +88,8 @@ def ray_cluster(tmp_path) -> Iterator[Cluster]:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     procs = RayNodes(tmp_path, env)
-    procs.markers.add(str(root))
     gcs, dashboard, client_server = free_ports(3)
+    procs.ports.add(gcs)  # every Ray process of the cluster names the GCS address
     api = f"http://127.0.0.1:{dashboard}"
     try:
         _node(
@@ -112,7 +110,6 @@ def ray_cluster(tmp_path) -> Iterator[Cluster]:
         left = procs.leftovers()
         shutil.rmtree(root, ignore_errors=True)
         assert not left, f"processes left running: {left}"
-        assert not listening(gcs) and not listening(dashboard)
 
 
 def test_a_run_joins_a_ray_cluster_and_both_nodes_run_clients(ray_cluster, tmp_path, tiny_config):
@@ -151,6 +148,10 @@ def test_a_run_joins_a_ray_cluster_and_both_nodes_run_clients(ray_cluster, tmp_p
         limit=1000,
     )
     per_node = Counter(call.node_id for call in calls)
+    print(  # shown by pytest -rP (CI's cluster job)
+        f"ClientApp calls per Ray node: head ({HEAD_CPUS} CPU) {per_node[ray_cluster.head]}, "
+        f"second node ({WORKER_CPUS} CPUs) {per_node[ray_cluster.worker]}"
+    )
     assert set(per_node) == {ray_cluster.head, ray_cluster.worker}, per_node
     # 4 budget queries, then 4 train messages in each of the 2 rounds
     assert sum(per_node.values()) == 12, per_node

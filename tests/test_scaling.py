@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from client_apps.lora_client import received_spec
+from client_apps.local_training import received_spec
 from hetfed import wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import LoraSettings, RunSettings

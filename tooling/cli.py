@@ -11,9 +11,10 @@
   client of the scenario's model: FLOPs, peak memory, bytes (:mod:`tooling.costs`).
 - ``hetfed sweep SWEEP.yaml [--out DIR]``: run a scenario over strategies, options and seeds
   (:mod:`tooling.sweep`), skipping finished runs, and write the comparison tables and plots.
-- ``hetfed bench [--quick] [--items 1,2,3,4,5] [--out FILE]``: measure the cost model (client
+- ``hetfed bench [--quick] [--items 1,2,3,4,5,6] [--out FILE]``: measure the cost model (client
   updates/s, framework overhead, server aggregation, server memory per client, bf16 against
-  fp32 training steps; :mod:`tooling.bench`), print tables and write JSON.
+  fp32 training steps, per-message device cost; :mod:`tooling.bench`), print tables and write
+  JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 from hetfed.errors import HetfedError
+from tooling.bench import ITEMS as BENCH_ITEMS
 
 
 def _numbers(text: str) -> tuple[int, ...]:
@@ -34,8 +36,10 @@ def _numbers(text: str) -> tuple[int, ...]:
 
 def _bench_items(text: str) -> tuple[int, ...]:
     items = tuple(sorted({int(i) for i in text.split(",") if i.strip()}))
-    if not items or not set(items) <= {1, 2, 3, 4, 5}:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated items among 1, 2, 3, 4, 5")
+    if not items or not set(items) <= set(BENCH_ITEMS):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: comma-separated items among {', '.join(map(str, BENCH_ITEMS))}"
+        )
     return items
 
 
@@ -71,10 +75,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--items",
         type=_bench_items,
-        default=(1, 2, 3, 4, 5),
+        default=BENCH_ITEMS,
         help="comma-separated items: 1 client updates/s, 2 framework overhead, "
         "3 server aggregation, 4 server memory per client, 5 bf16 against fp32 training "
-        "steps (default: all)",
+        "steps, 6 per-message device cost (default: all)",
     )
     bench.add_argument(
         "--out", default="results/bench/bench.json", help="JSON file (default: %(default)s)"
@@ -82,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scenario",
         default="scenarios/quickstart",
-        help="scenario of items 1, 2 and 4 (default: %(default)s)",
+        help="scenario of items 1, 2, 4, 5 and 6 (default: %(default)s)",
     )
     bench.add_argument(
         "--dense-modules",
@@ -95,6 +99,11 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="item 2: CPUs of the one simulation worker; item 5: torch threads",
+    )
+    bench.add_argument(
+        "--baseline",
+        help="item 6: also measure the apps of this hetfed checkout (e.g. an older commit), "
+        "first, on the same machine",
     )
     return parser
 
@@ -118,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             from tooling.bench.command import run_bench
 
             run_bench(
-                args.items, args.quick, args.out, args.scenario, args.dense_modules, args.cpus
+                args.items,
+                args.quick,
+                args.out,
+                args.scenario,
+                args.dense_modules,
+                args.cpus,
+                args.baseline,
             )
             return 0
         if args.command == "costs":

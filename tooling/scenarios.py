@@ -130,10 +130,11 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, str) else str(value)
 
 
-def run(folder: str | Path, overrides: list[str]) -> int:
-    """Run a scenario through ``flwr run``; return 0 only if Flower reports it completed."""
-    config = scenario_run_config(folder, overrides)
-    check(folder, overrides)
+def absolute_paths(config: dict[str, Any]) -> dict[str, str]:
+    """The relative paths of ``config``'s :data:`CWD_RELATIVE_KEYS`, made absolute from here
+    (``results-dir`` always, the others when they exist), for Flower processes started
+    elsewhere."""
+    found = {}
     for key in CWD_RELATIVE_KEYS:
         value = config.get(key)
         if (
@@ -142,7 +143,16 @@ def run(folder: str | Path, overrides: list[str]) -> int:
             and not Path(value).is_absolute()
             and (key == "results-dir" or Path(value).exists())
         ):
-            overrides = [*overrides, f"{key}={json.dumps(str(Path(value).resolve()))}"]
+            found[key] = str(Path(value).resolve())
+    return found
+
+
+def run(folder: str | Path, overrides: list[str]) -> int:
+    """Run a scenario through ``flwr run``; return 0 only if Flower reports it completed."""
+    config = scenario_run_config(folder, overrides)
+    check(folder, overrides)
+    absolute = absolute_paths(config).items()
+    overrides = [*overrides, *(f"{key}={json.dumps(value)}" for key, value in absolute)]
     env = {**os.environ, **{k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()}}
     # flwr starts `flower-superlink` from PATH: make it this environment's.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

@@ -1,6 +1,6 @@
 """``hetfed bench``: the cost model of a simulated federation, measured side by side in one run.
 
-Five measurements, one module each (``hetfed bench --items 1,3`` picks some):
+Six measurements, one module each (``hetfed bench --items 1,3`` picks some):
 
 1. :mod:`.client_throughput` - client updates per second and peak memory of hetfed's ClientApp
    (one cached base model per process, adapters swapped) against the naive pattern of Flower's
@@ -19,6 +19,9 @@ Five measurements, one module each (``hetfed bench --items 1,3`` picks some):
 5. :mod:`.precision` - the time of local training steps under ``train.precision = "bf16"``
    and on a bfloat16 base against float32, for MiniLM (the scenario's classifier) and
    SmolLM2-135M (instruction task), the variants alternated in one process per model.
+6. :mod:`.device_messages` - what one message (budget query, train) costs a deployed device:
+   the time of each ClientApp process a SuperNode on loopback starts, and, with ``--baseline``,
+   the same for the apps of another hetfed checkout.
 
 ``--quick`` runs each with tiny sizes (the tiny random BERT, two local steps, a few clients,
 small shapes): it checks that the machinery works and its figures mean nothing. The results are
@@ -27,3 +30,5 @@ after every item, so a long run keeps what it measured. ``docs/benchmarks.md`` r
 
 Run by :func:`tooling.bench.command.run_bench`.
 """
+
+ITEMS = (1, 2, 3, 4, 5, 6)

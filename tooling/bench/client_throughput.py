@@ -13,11 +13,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 
-from client_apps.lora_client import (
-    local_seed,
-    received_spec,
-    train,
-)
+from client_apps.local_training import local_seed, received_spec
+from client_apps.lora_client import train
 from hetfed import adapter_state, wire
 from hetfed.adapters import AdapterHost
 from hetfed.config import parse_run_config

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tooling import scenarios
+from tooling.bench import ITEMS
 from tooling.bench.aggregation import (
     LLAMA_7B_BLOCK,
     QUICK_7B_BLOCK,
@@ -28,6 +29,7 @@ from tooling.bench.aggregation import (
 )
 from tooling.bench.client_throughput import client_throughput
 from tooling.bench.common import DEFAULT_OUT, QUICK_WORKLOAD, QUICKSTART, WORKLOAD, quiet_flower
+from tooling.bench.device_messages import device_messages
 from tooling.bench.overhead import framework_overhead
 from tooling.bench.precision import (
     PRECISION_WORKLOADS,
@@ -35,8 +37,6 @@ from tooling.bench.precision import (
     training_precision,
 )
 from tooling.bench.server_memory import server_memory
-
-ITEMS = (1, 2, 3, 4, 5)
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ class Sizes:
     )
     precision_steps: int = 10
     precision_repeats: int = 3
+    device_nodes: int = 3  # item 6: SuperNodes, as in the deployment test
+    device_rounds: int = 3
 
 
 FULL = Sizes()
@@ -78,6 +80,7 @@ QUICK = Sizes(
     precision_workloads=QUICK_PRECISION_WORKLOADS,
     precision_steps=2,
     precision_repeats=2,
+    device_rounds=2,
 )
 
 
@@ -238,6 +241,18 @@ def report(results: dict[str, Any]) -> str:
                 rows,
             )
         )
+    if "device_messages" in results:
+        item = results["device_messages"]
+        rows = [
+            (variant, kind, k["messages"], k["reply_seconds"], k["wall_seconds"], k["cpu_seconds"])
+            for variant, v in item["variants"].items()
+            for kind, k in v["kinds"].items()
+        ]
+        parts.append(
+            f"## 6. Per-message device cost ({item['nodes']} SuperNodes, {item['rounds']} "
+            "rounds)\n\n"
+            + _table(("apps", "message", "messages", "reply s", "process s", "CPU s"), rows)
+        )
     return "\n\n".join(parts)
 
 
@@ -248,6 +263,7 @@ def run_bench(
     scenario: str | Path = QUICKSTART,
     dense_modules: str = "per-shape",
     cpus: int = 1,
+    baseline: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the chosen items in order, print their tables, write the JSON after each item."""
     out = Path(out)
@@ -303,6 +319,18 @@ def run_bench(
                     sizes.precision_steps,
                     sizes.precision_repeats,
                     cpus,
+                ),
+            )
+        ],
+        6: [
+            (
+                "device_messages",
+                lambda: device_messages(
+                    scenario,
+                    out.parent / "devices",
+                    sizes.device_nodes,
+                    sizes.device_rounds,
+                    baseline,
                 ),
             )
         ],

@@ -19,10 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from client_apps.lora_client import (
-    NUM_PARTITIONS,
-    PARTITION_ID,
-)
+from client_apps.node_config import NUM_PARTITIONS, PARTITION_ID
 from hetfed import wire
 from hetfed.adapters import AdapterHost
 from hetfed.config import RunSettings

@@ -13,10 +13,7 @@ from typing import Any
 
 import torch
 
-from client_apps.lora_client import (
-    local_seed,
-    received_spec,
-)
+from client_apps.local_training import local_seed, received_spec
 from hetfed import adapter_state, wire
 from hetfed.errors import HetfedError
 from hetfed.results import read_metrics
