@@ -90,7 +90,10 @@ def parser() -> argparse.ArgumentParser:
         help="item 3: modules of the 7B block that also get the dense SVD (default: %(default)s)",
     )
     bench.add_argument(
-        "--cpus", type=int, default=1, help="item 2: CPUs of the one simulation worker"
+        "--cpus",
+        type=int,
+        default=1,
+        help="item 2: CPUs of the one simulation worker; item 3: BLAS threads (default: 1)",
     )
     return parser
 
