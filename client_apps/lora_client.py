@@ -19,11 +19,11 @@ from flwr.clientapp import ClientApp
 
 from hetfed import adapter_state, seeds, wire
 from hetfed.adapters import AdapterHost, LoraSpec
-from hetfed.config import RunSettings, parse_run_config
+from hetfed.config import RunSettings, parse_run_config, require_runs_on
 from hetfed.data import DataConfig, load_partition, load_splits, require_known_labels
 from hetfed.errors import ConfigError
 from hetfed.faults import fault_injection
-from hetfed.models import cached_model
+from hetfed.models import cached_model, compute_device
 from hetfed.profiles import DeviceProfiles, Tier, parse_profiles
 from hetfed.rank_pruning import keep_rank, pruned_rank, tail_penalty, tail_score
 from hetfed.training import Encoded, encode_split, train_steps
@@ -91,6 +91,7 @@ class Worker:
 
 @lru_cache(maxsize=4)
 def _worker(settings: RunSettings) -> Worker:
+    require_runs_on(settings, compute_device())  # a CPU device refuses fp16 or a quantized base
     label_names = load_splits(settings.data).label_names
     model, tokenizer = cached_model(settings.model, len(label_names), seed=settings.seed)
     return Worker(settings, AdapterHost(model), tokenizer, label_names)

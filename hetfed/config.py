@@ -17,11 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from hetfed.data import DataConfig
 from hetfed.errors import ConfigError
-from hetfed.models import ModelConfig
+from hetfed.models import ModelConfig, require_base_runs
 from hetfed.scaling import SCALING_RULES
-from hetfed.training import TrainConfig
+from hetfed.training import TrainConfig, require_precision_runs
 
 Scalar = bool | int | float | str
 
@@ -155,6 +157,14 @@ class RunSettings:
             raise ConfigError("seed", self.seed, "an integer >= 0")
         if self.resume == "":
             raise ConfigError("resume", self.resume, "true, false or a results folder")
+
+
+def require_runs_on(settings: RunSettings, device: torch.device) -> None:
+    """Refuse, before anything loads, a run this device cannot compute: its base model's dtype
+    and quantization (:func:`~hetfed.models.require_base_runs`) and the precision of training
+    and evaluation (:func:`~hetfed.training.require_precision_runs`)."""
+    require_base_runs(settings.model, device)
+    require_precision_runs(settings.train, device)
 
 
 def config_key(prefix: str, field_name: str) -> str:

@@ -129,7 +129,7 @@ class DataConfig:
             raise bad("target_column", f"'' with data.source {BBC_NEWS_HEADLINES!r} (titles)")
         if self.input_column and self.text_column:
             raise bad("input_column", "'' when data.text-column is set (use one of the two)")
-        if self.input_column and not self.target_column:
+        if self.input_column and not self.pairs:
             raise bad("input_column", "'' unless data.target-column names a target column")
         if self.text_column and self.target_column:
             raise bad("text_column", "'' when data.target-column is set: use data.input-column")
@@ -510,12 +510,15 @@ def _read_local(path: Path, cfg: DataConfig) -> _Raw:
     else:
         layout, train_file, test_file = _folder_layout(path, cfg.source)
         if layout == "classes":
-            if cfg.target_column:
-                raise ConfigError(
-                    "data.target-column",
-                    cfg.target_column,
-                    f"'' for {cfg.source} (sub-folders of .txt files per class have no columns)",
-                )
+            # the files and their folders are the text and label: a column key would be ignored
+            for name in ("text_column", "label_column", "input_column", "target_column"):
+                if getattr(cfg, name):
+                    raise ConfigError(
+                        f"data.{name.replace('_', '-')}",
+                        getattr(cfg, name),
+                        f"'' for {cfg.source} (sub-folders of .txt files per class have no "
+                        "columns)",
+                    )
             return _read_class_folders(path, headlines=cfg.pairs)  # bbc-news-headlines
     assert train_file is not None
     train = _rows_of(_read_file(train_file), cfg)

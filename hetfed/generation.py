@@ -20,7 +20,7 @@ from rouge_score import rouge_scorer
 from torch import nn
 
 from hetfed.instructions import IGNORE, end_token_id
-from hetfed.training import Encoded, evaluate, model_device
+from hetfed.training import Encoded, autocast, evaluate, model_device
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,15 @@ def prompts_of(data: Encoded) -> list[list[int]]:
 
 @torch.no_grad()
 def greedy_generations(
-    model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    precision: str = "fp32",
 ) -> list[str]:
     """Greedy decoding of at most ``max_new_tokens`` tokens after each prompt (left-padded
-    batches), up to the end token, decoded without special tokens."""
+    batches), up to the end token, decoded without special tokens; computed in ``precision``."""
     end = end_token_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     device, texts = model_device(model), []
@@ -60,16 +65,17 @@ def greedy_generations(
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=pad,
-            eos_token_id=end,
-            use_cache=True,
-        )
+        with autocast(precision, device):
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                eos_token_id=end,
+                use_cache=True,
+            )
         texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [text.strip() for text in texts]
 
@@ -91,10 +97,14 @@ def evaluate_generation(
     references: list[str],
     max_new_tokens: int,
     batch_size: int,
+    precision: str = "fp32",
 ) -> Evaluation:
-    """The generation task's evaluation (see the module)."""
-    exact_match, loss = evaluate(model, data, batch_size)
-    generations = greedy_generations(model, tokenizer, prompts_of(data), max_new_tokens, batch_size)
+    """The generation task's evaluation (see the module), computed in ``precision``."""
+    exact_match, loss = evaluate(model, data, batch_size, precision)
+    prompts = prompts_of(data)
+    generations = greedy_generations(
+        model, tokenizer, prompts, max_new_tokens, batch_size, precision
+    )
     return Evaluation(
         exact_match, loss, rouge_l(generations, references), math.exp(loss), tuple(generations)
     )

@@ -15,6 +15,12 @@ the built-in names:
 states and a linear head named ``classifier`` that every client trains. ``instruction`` and
 ``generation``: a causal LM trained on prompts that end in the answer, a label's name or a
 free-form target (:mod:`hetfed.instructions`); no head, only LoRA.
+
+``model.dtype`` is the dtype of the frozen base's weights (``float32``, ``bfloat16``,
+``float16``) and ``model.quantize`` holds them in 4 or 8 bits through bitsandbytes (QLoRA, on a
+CUDA GPU); either way the LoRA factors and the classification head stay float32: peft keeps an
+adapter float32 on a half-precision base (``autocast_adapter_dtype``) and casts the input of
+each LoRA layer to it, and the classifier pools the hidden states in float32.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertModel,
+    BitsAndBytesConfig,
     LlamaConfig,
 )
 
@@ -49,6 +56,10 @@ POOLINGS = ("mean", "cls")
 CLASSIFICATION, INSTRUCTION, GENERATION = "classification", "instruction", "generation"
 TASKS = (CLASSIFICATION, INSTRUCTION, GENERATION)
 CAUSAL_TASKS = (INSTRUCTION, GENERATION)  # a causal LM trained on answer tokens
+# model.dtype: the frozen base's weights (float16 needs CUDA, see require_base_runs)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NO_QUANTIZATION = "none"
+QUANTIZATIONS = (NO_QUANTIZATION, "4bit", "8bit")  # model.quantize: bitsandbytes, on CUDA
 _MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,6 +93,8 @@ class ModelConfig:
     # the label names, ", "-joined)
     prompt: str = "Classify the text. Answer with one of: {labels}."
     max_new_tokens: int = 32  # generation: the longest target trained on and generated
+    dtype: str = "float32"  # the frozen base's weights; LoRA factors and the head stay float32
+    quantize: str = NO_QUANTIZATION  # the frozen base in 4 or 8 bits (bitsandbytes, CUDA)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -96,6 +109,47 @@ class ModelConfig:
             raise ConfigError("model.prompt", self.prompt, "a non-empty instruction")
         if self.max_new_tokens < 1:
             raise ConfigError("model.max-new-tokens", self.max_new_tokens, "an integer >= 1")
+        if self.dtype not in DTYPES:
+            raise ConfigError("model.dtype", self.dtype, " | ".join(DTYPES))
+        if self.quantize not in QUANTIZATIONS:
+            raise ConfigError("model.quantize", self.quantize, " | ".join(QUANTIZATIONS))
+        if self.quantize != NO_QUANTIZATION and self.name in _TINY_RANDOM:
+            raise ConfigError(
+                "model.quantize",
+                self.quantize,
+                f"{NO_QUANTIZATION} for {self.name} (built from a config: bitsandbytes quantizes "
+                "pretrained weights as they load)",
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype of the base's weights (of its non-quantized ones when quantized)."""
+        return DTYPES[self.dtype]
+
+
+def require_base_runs(cfg: ModelConfig, device: torch.device) -> None:
+    """Refuse, before anything loads, a base this device cannot hold: a quantized base needs
+    CUDA and bitsandbytes, float16 weights need CUDA (on a CPU, bfloat16 halves the memory)."""
+    if cfg.quantize != NO_QUANTIZATION:
+        if device.type != "cuda":
+            raise ConfigError(
+                "model.quantize",
+                cfg.quantize,
+                f"{NO_QUANTIZATION} on this {device.type} device: {cfg.quantize} needs a CUDA GPU "
+                "(bitsandbytes)",
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(
+                "model.quantize",
+                cfg.quantize,
+                f"{NO_QUANTIZATION} unless bitsandbytes is installed (pip install 'hetfed[qlora]')",
+            )
+    if cfg.dtype == "float16" and device.type != "cuda":
+        raise ConfigError(
+            "model.dtype",
+            cfg.dtype,
+            f"float32 or bfloat16 on this {device.type} device: float16 needs a CUDA GPU",
+        )
 
 
 def _packaged_minilm() -> Path | None:
@@ -186,10 +240,13 @@ class TextClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
-        self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
+        # float32 and where the backbone is (a quantized backbone is loaded onto its GPU)
+        device = next(backbone.parameters()).device
+        self.classifier = nn.Linear(backbone.config.hidden_size, num_labels).to(device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = hidden.float()  # pooled and classified in float32 whatever the base's dtype
         if self.pooling == "cls":
             return self.classifier(hidden[:, 0])
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -209,30 +266,50 @@ def build_classifier(
 
     def make(source: ModelSource) -> TextClassifier:
         if cfg.name == TINY_RANDOM_BERT:
-            backbone = BertModel(_tiny_config(cfg.name), add_pooling_layer=False)
+            config = _tiny_config(cfg.name)
+            backbone = BertModel(config, add_pooling_layer=False).to(cfg.torch_dtype)
         elif cfg.name in _TINY_RANDOM:
-            backbone = AutoModel.from_config(_tiny_config(cfg.name))
+            backbone = AutoModel.from_config(_tiny_config(cfg.name)).to(cfg.torch_dtype)
         else:
-            backbone = source.load(AutoModel)
+            backbone = source.load(AutoModel, **_weights_kwargs(cfg))
         return TextClassifier(backbone, num_labels, cfg.pooling)
 
     return _frozen_model(cfg, seed, make)
 
 
 def build_causal_lm(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, object]:
-    """A frozen causal LM (float32) and its tokenizer, for the instruction and generation tasks.
+    """A frozen causal LM (weights in ``model.dtype``) and its tokenizer, for the instruction
+    and generation tasks.
 
     A user rebuilds it to load an exported adapter the same way as a classifier.
     """
 
     def make(source: ModelSource) -> nn.Module:
         if cfg.name in _TINY_RANDOM:
-            return AutoModelForCausalLM.from_config(_tiny_config(cfg.name))
-        return source.load(AutoModelForCausalLM, dtype=torch.float32)
+            return AutoModelForCausalLM.from_config(_tiny_config(cfg.name)).to(cfg.torch_dtype)
+        return source.load(AutoModelForCausalLM, **_weights_kwargs(cfg))
 
     model, tokenizer = _frozen_model(cfg, seed, make)
     model.config.use_cache = False  # training and teacher-forced evaluation need no KV cache
     return model, tokenizer
+
+
+def _weights_kwargs(cfg: ModelConfig) -> dict:
+    """``from_pretrained``'s arguments for the base's dtype and quantization (bitsandbytes
+    quantizes the weights on the GPU as they load: NF4 with double quantization for 4 bits,
+    computing in ``model.dtype``, as QLoRA does)."""
+    kwargs: dict = {"dtype": cfg.torch_dtype}
+    if cfg.quantize != NO_QUANTIZATION:
+        require_base_runs(cfg, compute_device())
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=cfg.quantize == "4bit",
+            load_in_8bit=cfg.quantize == "8bit",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=cfg.torch_dtype,
+        )
+        kwargs["device_map"] = {"": compute_device()}
+    return kwargs
 
 
 def _frozen_model(
@@ -280,6 +357,12 @@ def compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def on_compute_device(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """``model`` moved to :func:`compute_device`; a quantized base is already there (bitsandbytes
+    loaded it onto the GPU, and its weights cannot be moved)."""
+    return model if cfg.quantize != NO_QUANTIZATION else model.to(compute_device())
+
+
 def cached_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> tuple[nn.Module, object]:
     """The process's one base model for this config (a Ray worker keeps it across client calls),
     on :func:`compute_device`."""
@@ -287,7 +370,7 @@ def cached_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> tuple[nn.M
     with _CACHE_LOCK:
         if key not in _CACHE:
             model, tokenizer = build_model(cfg, num_labels, seed)
-            _CACHE[key] = model.to(compute_device()), tokenizer
+            _CACHE[key] = on_compute_device(model, cfg), tokenizer
         return _CACHE[key]
 
 

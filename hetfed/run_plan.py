@@ -21,7 +21,7 @@ from hetfed.checkpoint import (
     load_checkpoint,
     resume_folder,
 )
-from hetfed.config import RunSettings, Scalar, parse_run_config
+from hetfed.config import RunSettings, Scalar, parse_run_config, require_runs_on
 from hetfed.cost_model import UpdateShape
 from hetfed.data import load_splits, resolve_source
 from hetfed.device_clock import DeviceClock
@@ -31,6 +31,7 @@ from hetfed.models import (
     CAUSAL_TASKS,
     GENERATION,
     INSTRUCTION,
+    compute_device,
     cost_shape,
     load_model_config,
     load_tokenizer,
@@ -76,6 +77,7 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
             settings.model.task,
             f"{' or '.join(strategy_class.tasks)}: {strategy_name} supports only these",
         )
+    require_runs_on(settings, compute_device())  # the server evaluates on this process's device
     profiles_path = Path(settings.profiles)
     if not profiles_path.is_absolute() and project_dir is not None:
         profiles_path = Path(project_dir) / profiles_path

@@ -48,12 +48,12 @@ class ServerModel:
     ) -> Evaluation:
         """The global model on the test split: accuracy and loss; for the generation task also
         ROUGE-L, perplexity and the generations (:mod:`hetfed.generation`)."""
-        batch = self.settings.train.eval_batch_size
+        batch, precision = self.settings.train.eval_batch_size, self.settings.train.precision
         with self.host.lock:
             model = self.load(spec, state, base_deltas)
             if self.settings.model.task == GENERATION:
                 max_new = self.settings.model.max_new_tokens
                 return evaluate_generation(
-                    model, self.test, self.tokenizer, self.references, max_new, batch
+                    model, self.test, self.tokenizer, self.references, max_new, batch, precision
                 )
-            return Evaluation(*evaluate(model, self.test, batch))
+            return Evaluation(*evaluate(model, self.test, batch, precision))

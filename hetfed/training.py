@@ -3,13 +3,18 @@
 One loop serves both tasks: the labels of an :class:`Encoded` split are one class per example
 (classification) or next-token targets per position (instruction, :mod:`hetfed.instructions`),
 and :func:`task_loss` reads which from their shape.
+
+``train.precision`` runs the forward and backward passes of training and evaluation under
+autocast (``bf16``, ``fp16``); the trainable parameters (LoRA factors, the head), their
+gradients and the optimizer state stay float32, the loss is taken in float32, and ``fp16`` (or a
+float16 base) scales the loss (:class:`torch.amp.GradScaler`) so that small gradients survive.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,16 +25,21 @@ from hetfed.errors import ConfigError
 from hetfed.instructions import IGNORE, encode_generation, encode_instructions
 from hetfed.models import GENERATION, INSTRUCTION, ModelConfig
 
+# train.precision: the autocast dtype of training and evaluation (None: none, float32)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A client's local work per round and the evaluation batch size."""
+    """A client's local work per round, the evaluation batch size, and the precision both
+    compute in."""
 
     local_steps: int = 10
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 64
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for key, value in (
@@ -43,6 +53,41 @@ class TrainConfig:
             raise ConfigError("train.lr", self.lr, "a number in (0, 1)")
         if self.weight_decay < 0:
             raise ConfigError("train.weight-decay", self.weight_decay, "a number >= 0")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("train.precision", self.precision, " | ".join(PRECISIONS))
+
+
+def require_precision_runs(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, before any training, a precision this device cannot compute in: fp16 autocast
+    and its loss scaling need CUDA (a CPU has no float16 arithmetic to gain from; bf16 runs
+    there), bf16 a GPU that supports it."""
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "train.precision",
+            cfg.precision,
+            f"fp32 or bf16 on this {device.type} device: fp16 needs a CUDA GPU",
+        )
+    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            "train.precision",
+            cfg.precision,
+            f"fp32 or fp16: {torch.cuda.get_device_name(device)} does not support bfloat16",
+        )
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager:
+    """The autocast of ``precision`` on ``device`` (nothing for fp32)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def loss_scaler(model: nn.Module, precision: str) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled where float16 computes (``fp16``, or a float16 base): its
+    small gradients would underflow to zero unscaled. Disabled, it passes everything through."""
+    fp16 = precision == "fp16" or any(p.dtype == torch.float16 for p in model.parameters())
+    return torch.amp.GradScaler(model_device(model).type, enabled=fp16)
 
 
 @dataclass(frozen=True)
@@ -109,7 +154,9 @@ def encode_split(
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy: of class logits (N, K) against classes (N,), or of next-token logits
     (N, L, V) against targets (N, L), where position t-1 predicts ``labels[:, t]`` and
-    :data:`~hetfed.instructions.IGNORE` positions count nothing (mean: per answer token)."""
+    :data:`~hetfed.instructions.IGNORE` positions count nothing (mean: per answer token).
+    Taken in float32 whatever the logits' dtype."""
+    logits = logits.float()
     if labels.dim() == 1:
         return nn.functional.cross_entropy(logits, labels, reduction=reduction)
     return nn.functional.cross_entropy(
@@ -181,7 +228,8 @@ def train_steps(
     seed: int,
     penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Run ``cfg.local_steps`` AdamW steps on seeded shuffles of ``data``.
+    """Run ``cfg.local_steps`` AdamW steps on seeded shuffles of ``data``, the forward and
+    backward passes in ``cfg.precision``.
 
     ``penalty`` (for example HetLoRA's rank-tail regulariser) is added to every step's loss.
     Returns the mean task loss over the steps.
@@ -190,6 +238,8 @@ def train_steps(
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = loss_scaler(model, cfg.precision)
+    device = model_device(model)
     order = torch.randperm(len(data), generator=generator)
     cursor, total_loss, seen = 0, 0.0, 0
     with seeded_torch(seed):  # dropout draws depend on the seed, not on the process's history
@@ -199,11 +249,13 @@ def train_steps(
                 order, cursor = torch.randperm(len(data), generator=generator), 0
             idx = order[cursor : cursor + cfg.batch_size]
             cursor += cfg.batch_size
-            loss = task_loss(*task_forward(model, data, idx))
+            with autocast(cfg.precision, device):
+                loss = task_loss(*task_forward(model, data, idx))
             objective = loss + penalty() if penalty is not None else loss
             optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
+            scaler.scale(objective).backward()
+            scaler.step(optimizer)  # skipped on inf/nan gradients of a too-large fp16 scale
+            scaler.update()
             total_loss += float(loss.detach())
             seen += len(idx)
         model.eval()
@@ -213,16 +265,21 @@ def train_steps(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Encoded, batch_size: int) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``.
+def evaluate(
+    model: nn.Module, data: Encoded, batch_size: int, precision: str = "fp32"
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``data``, the forward passes in
+    ``precision``.
 
     Classification: the argmax class is the label; loss per example. Instruction: every answer
     token is the argmax next token (greedy decoding yields the answer); loss per answer token.
     """
     model.eval()
+    device = model_device(model)
     correct, loss_sum, loss_count = 0, 0.0, 0
     for begin in range(0, len(data), batch_size):
-        logits, labels = task_forward(model, data, slice(begin, begin + batch_size))
+        with autocast(precision, device):
+            logits, labels = task_forward(model, data, slice(begin, begin + batch_size))
         loss_sum += float(task_loss(logits, labels, reduction="sum"))
         if labels.dim() == 1:
             correct += int((logits.argmax(-1) == labels).sum())

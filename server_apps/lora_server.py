@@ -26,7 +26,7 @@ from hetfed.adapter_state import State
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.checkpoint import Checkpoint, save_checkpoint
 from hetfed.data import load_splits
-from hetfed.models import GENERATION, build_model, compute_device
+from hetfed.models import GENERATION, build_model, on_compute_device
 from hetfed.results import ResultsWriter, RoundRecord, RoundStats
 from hetfed.run_plan import RunPlan, plan_run
 from hetfed.server_model import ServerModel
@@ -163,7 +163,7 @@ def build(grid: Grid, context: Context) -> ServerRun:
         settings.num_server_rounds, writer.folder)  # fmt: skip
     splits = load_splits(settings.data)
     model, tokenizer = build_model(settings.model, len(splits.label_names), settings.seed)
-    model.to(compute_device())  # evaluation and server-side training run there
+    model = on_compute_device(model, settings.model)  # evaluation, server-side training
 
     def tokenized(dataset) -> Encoded:
         return encode_split(settings.model, dataset, splits.label_names, tokenizer)

@@ -57,7 +57,10 @@ class FLoRA(LoRAStrategy):
 
     name = "flora"
     description = "FLoRA: stack the updates exactly, merge them into the base, fresh LoRA per round"
-    requires = {"lora.scaling": ("standard", "it scales every client by 2 (alpha_k = 2 r_k)")}
+    requires = {
+        "lora.scaling": ("standard", "it scales every client by 2 (alpha_k = 2 r_k)"),
+        "model.quantize": ("none", "it merges the updates into the base weights"),
+    }
 
     def client_alpha(self, rank: int) -> float:
         """alpha_k = 2 r_k (the authors' code), so every client's scaling is s_k = 2."""

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
+
+from hetfed.results import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -131,6 +134,15 @@ def write_scenario(
     return folder
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train fastest on one thread (and the bench sets its own threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def server_identity():
     """Flower stamps messages with the running task's identity; give tests one."""
@@ -207,6 +219,19 @@ def run_scenario(flower_home, tmp_path):
         return proc, tmp_path / config.get("results-dir", "results")
 
     return _run
+
+
+def learned_rounds(
+    proc: subprocess.CompletedProcess, results: Path, replies: int = 4, gain: float = 0.1
+) -> list[dict]:
+    """The rounds of a run that completed, in which every round after the first evaluation got
+    ``replies`` replies and rejected none, and the accuracy rose by more than ``gain``."""
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rounds = read_metrics(results)
+    assert [r["replied"] for r in rounds[1:]] == [replies] * (len(rounds) - 1)
+    assert rounds[0]["replied"] == 0 and all(r["rejected"] == 0 for r in rounds)
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + gain
+    return rounds
 
 
 def adapter_tensors(results: Path) -> dict[str, np.ndarray]:

@@ -11,7 +11,6 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from hetfed import adapter_state, wire
@@ -23,18 +22,12 @@ from tests.conftest import REPO
 from tests.harness import InProcessGrid, global_state, make
 from tests.test_cli import RANK_METHODS
 from tooling import cli, scenarios
-from tooling.bench import aggregation, client_throughput, command, common, overhead
+from tooling.bench import aggregation, client_throughput, command, common, overhead, precision
 
 QUICKSTART = REPO / "scenarios" / "quickstart"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models train fastest on one thread (and the bench sets threads for item 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +173,25 @@ def test_plain_steps_and_overhead_ratios(quick_scenario):
     assert ratios == {"all_rounds": pytest.approx(10.4 / 6), "rounds_2_on": pytest.approx(1.1)}
 
 
+def test_training_precision_quick_measures_every_variant_on_the_same_work(quick_scenario):
+    """Item 5 on the tiny models: every variant timed each repeat, and bf16 did the fp32
+    variant's work (the same examples, adapter and seed: losses equal but for rounding)."""
+    result = precision.training_precision(
+        quick_scenario, precision.QUICK_PRECISION_WORKLOADS, steps=2, repeats=2
+    )
+    assert [m["model"] for m in result["models"]] == ["tiny-random-bert", "tiny-random-llama"]
+    for model in result["models"]:
+        assert model["device"] == "cpu" and model["threads"] == 1
+        variants = model["variants"]
+        assert list(variants) == ["fp32", "bf16", "bf16 base"]
+        assert all(len(v["seconds"]) == 2 and min(v["seconds"]) > 0 for v in variants.values())
+        fp32 = variants["fp32"]["train_loss"]
+        for name in ("bf16", "bf16 base"):
+            assert variants[name]["train_loss"] == pytest.approx(fp32, rel=0.05)
+        assert model["bf16_over_fp32"] > 0 and model["bf16_base_over_fp32"] > 0
+    json.dumps(result)
+
+
 def test_isolated_runs_in_a_process_of_its_own():
     assert common.isolated(os.getpid) != os.getpid()
 
@@ -201,7 +213,7 @@ def test_bench_command_quick_item_4_prints_and_writes_json(tmp_path, capsys):
 
 def test_bench_items_are_checked():
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--items", "1,5"])
+        cli.main(["bench", "--items", "1,6"])
 
 
 def test_round_records_train_seconds_over_configure_to_aggregate():

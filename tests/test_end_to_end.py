@@ -20,7 +20,7 @@ from hetfed.results import read_metrics
 from hetfed.run_plan import plan_run
 from hetfed.training import encode, encode_for_task, evaluate
 from server_apps.lora_server import export_global
-from tests.conftest import TINY_PROFILES, assert_same_adapter, write_scenario
+from tests.conftest import TINY_PROFILES, assert_same_adapter, learned_rounds, write_scenario
 from tooling.scenarios import OFFLINE_ENV, run_status
 
 # Options some strategies need beyond the tiny scenario's.
@@ -134,10 +134,8 @@ def test_rslora_scaling_end_to_end(run_scenario, tiny_config):
     exported global adapter says use_rslora and reloads with plain peft to the same accuracy."""
     config = {**tiny_config, "num-server-rounds": 2, "lora.scaling": "rslora"}
     proc, results = run_scenario(config)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    rounds = read_metrics(results)
-    assert [r["replied"] for r in rounds] == [0, 4, 4] and rounds[-1]["rejected"] == 0
-    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.1
+    rounds = learned_rounds(proc, results)
+    assert len(rounds) == 3
     adapter_config = json.loads((results / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["use_rslora"] is True and adapter_config["r"] == 8
     assert exported_accuracy(results, config) == pytest.approx(rounds[-1]["accuracy"])

@@ -186,9 +186,20 @@ def test_missing_columns_name_the_key_and_the_columns(tmp_path, columns, key, va
     assert "['doc', 'summary', 'topic']" in str(error)
 
 
-def test_class_folders_have_no_target_column():
-    error = error_of(DataConfig(source="bbc-news", target_column="title"))
-    assert (error.key, error.value) == ("data.target-column", "title")
+@pytest.mark.parametrize(
+    ("source", "field", "key"),
+    [
+        ("bbc-news", "target_column", "data.target-column"),
+        ("bbc-news", "text_column", "data.text-column"),
+        ("bbc-news", "label_column", "data.label-column"),
+        ("bbc-news-headlines", "input_column", "data.input-column"),
+        ("bbc-news-headlines", "label_column", "data.label-column"),
+    ],
+)
+def test_class_folders_have_no_columns(source, field, key):
+    """Files in class folders have no columns: a column key is refused, never ignored."""
+    error = error_of(DataConfig(source=source, **{field: "title"}))
+    assert (error.key, error.value) == (key, "title")
 
 
 def test_undetectable_input_column_names_input_column(tmp_path):

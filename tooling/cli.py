@@ -11,9 +11,9 @@
   client of the scenario's model: FLOPs, peak memory, bytes (:mod:`tooling.costs`).
 - ``hetfed sweep SWEEP.yaml [--out DIR]``: run a scenario over strategies, options and seeds
   (:mod:`tooling.sweep`), skipping finished runs, and write the comparison tables and plots.
-- ``hetfed bench [--quick] [--items 1,2,3,4] [--out FILE]``: measure the cost model (client
-  updates/s, framework overhead, server aggregation, server memory per client;
-  :mod:`tooling.bench`), print tables and write JSON.
+- ``hetfed bench [--quick] [--items 1,2,3,4,5] [--out FILE]``: measure the cost model (client
+  updates/s, framework overhead, server aggregation, server memory per client, bf16 against
+  fp32 training steps; :mod:`tooling.bench`), print tables and write JSON.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def _numbers(text: str) -> tuple[int, ...]:
 
 def _bench_items(text: str) -> tuple[int, ...]:
     items = tuple(sorted({int(i) for i in text.split(",") if i.strip()}))
-    if not items or not set(items) <= {1, 2, 3, 4}:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated items among 1, 2, 3, 4")
+    if not items or not set(items) <= {1, 2, 3, 4, 5}:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated items among 1, 2, 3, 4, 5")
     return items
 
 
@@ -71,9 +71,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--items",
         type=_bench_items,
-        default=(1, 2, 3, 4),
+        default=(1, 2, 3, 4, 5),
         help="comma-separated items: 1 client updates/s, 2 framework overhead, "
-        "3 server aggregation, 4 server memory per client (default: all)",
+        "3 server aggregation, 4 server memory per client, 5 bf16 against fp32 training "
+        "steps (default: all)",
     )
     bench.add_argument(
         "--out", default="results/bench/bench.json", help="JSON file (default: %(default)s)"
@@ -93,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
         "--cpus",
         type=int,
         default=1,
-        help="item 2: CPUs of the one simulation worker; item 3: BLAS threads (default: 1)",
+        help="item 2: CPUs of the one simulation worker; item 3: BLAS threads; item 5: torch "
+        "threads (default: %(default)s)",
     )
     return parser
 

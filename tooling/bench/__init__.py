@@ -1,6 +1,6 @@
 """``hetfed bench``: the cost model of a simulated federation, measured side by side in one run.
 
-Four measurements, one module each (``hetfed bench --items 1,3`` picks some):
+Five measurements, one module each (``hetfed bench --items 1,3`` picks some):
 
 1. :mod:`.client_throughput` - client updates per second and peak memory of hetfed's ClientApp
    (one cached base model per process, adapters swapped) against the naive pattern of Flower's
@@ -16,6 +16,9 @@ Four measurements, one module each (``hetfed bench --items 1,3`` picks some):
 4. :mod:`.server_memory` - bytes the strategy holds after registering 500 and 5,000 clients
    (budget queries over :class:`.common.SimulatedNodes`), and the bytes per client between
    the two.
+5. :mod:`.precision` - the time of local training steps under ``train.precision = "bf16"``
+   and on a bfloat16 base against float32, for MiniLM (the scenario's classifier) and
+   SmolLM2-135M (instruction task), the variants alternated in one process per model.
 
 ``--quick`` runs each with tiny sizes (the tiny random BERT, two local steps, a few clients,
 small shapes): it checks that the machinery works and its figures mean nothing. The results are

@@ -32,9 +32,14 @@ from tooling.bench.aggregation import (
 from tooling.bench.client_throughput import client_throughput
 from tooling.bench.common import DEFAULT_OUT, QUICK_WORKLOAD, QUICKSTART, WORKLOAD, quiet_flower
 from tooling.bench.overhead import framework_overhead
+from tooling.bench.precision import (
+    PRECISION_WORKLOADS,
+    QUICK_PRECISION_WORKLOADS,
+    training_precision,
+)
 from tooling.bench.server_memory import server_memory
 
-ITEMS = (1, 2, 3, 4)
+ITEMS = (1, 2, 3, 4, 5)
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,11 @@ class Sizes:
     large_ranks: tuple[int, ...] = (4, 8, 16)
     large_block: dict[str, tuple[int, int]] = field(default_factory=lambda: LLAMA_7B_BLOCK)
     populations: tuple[int, ...] = (500, 5000)  # item 4
+    precision_workloads: dict[str, dict[str, Any]] = field(  # item 5: model -> overrides
+        default_factory=lambda: PRECISION_WORKLOADS
+    )
+    precision_steps: int = 10
+    precision_repeats: int = 3
 
 
 FULL = Sizes()
@@ -68,6 +78,9 @@ QUICK = Sizes(
     large_clients=8,
     large_block=QUICK_7B_BLOCK,
     populations=(20, 200),
+    precision_workloads=QUICK_PRECISION_WORKLOADS,
+    precision_steps=2,
+    precision_repeats=2,
 )
 
 
@@ -189,6 +202,27 @@ def report(results: dict[str, Any]) -> str:
             "## 4. Server memory per registered client\n\n"
             + _table(("clients", "strategy bytes", "registration s"), rows)
             + f"\n\n{item['bytes_per_client']:.0f} bytes per client (target < 1024)"
+        )
+    if "training_precision" in results:
+        rows = [
+            (
+                f"{m['model']} ({m['task']})",
+                name,
+                m["batch_size"],
+                m["steps"],
+                1000 * v["median_step_seconds"],
+                v["train_loss"],
+                v["median_step_seconds"] / m["variants"]["fp32"]["median_step_seconds"],
+            )
+            for m in results["training_precision"]["models"]
+            for name, v in m["variants"].items()
+        ]
+        parts.append(
+            "## 5. Training precision, bf16 against fp32\n\n"
+            + _table(
+                ("model", "variant", "batch", "steps", "ms/step", "train loss", "time / fp32"),
+                rows,
+            )
         )
     return "\n\n".join(parts)
 
@@ -331,9 +365,23 @@ def run_bench(
             ),
         ],
         4: [("server_memory", lambda: server_memory(scenario, sizes.populations))],
+        5: [
+            (
+                "training_precision",
+                lambda: training_precision(
+                    scenario,
+                    sizes.precision_workloads,
+                    sizes.precision_steps,
+                    sizes.precision_repeats,
+                    cpus,
+                ),
+            )
+        ],
     }
-    results["item_3_blas_threads"] = cpus
-    for item in sorted(set(items)):
+    chosen = sorted(set(items))
+    if 3 in chosen:
+        results["item_3_blas_threads"] = cpus
+    for item in chosen:
         for key, measure in steps[item]:
             print(f"hetfed bench: measuring {key} ...", file=sys.stderr, flush=True)
             with quiet_flower(), blas_threads(cpus if item == 3 else None):
