@@ -260,12 +260,13 @@ def product_frobenius_norm(b: np.ndarray, a: np.ndarray) -> float:
     """``||B A||_F`` without forming the ``d_out x d_in`` product.
 
     ``||B A||_F^2 = trace((B^T B)(A A^T))``: two ``r x r`` Gram matrices, ``(d_out + d_in) r^2``
-    multiply-adds (BLAS syrk). This is HetLoRA's sparsity weight ``S_k`` (Cho et al.,
-    arXiv 2401.06432). The Gram matrices are computed in the factors' dtype (float32 factors:
-    float32, relative error about ``sqrt(d) eps_32``, a few 1e-7 at d = 1536), their elementwise
-    products summed in float64; the result is clamped at 0 before the square root because
-    rounding can make a tiny trace negative. Relative accuracy degrades (to about
-    ``eps * ||B||^2 ||A||^2 / ||B A||^2``) when the product cancels heavily.
+    flops (BLAS syrk forms one triangle: ``r (r + 1) / 2`` multiply-adds a row). This is
+    HetLoRA's sparsity weight ``S_k`` (Cho et al., arXiv 2401.06432). The Gram matrices are
+    computed in the factors' dtype (float32 factors: float32, relative error about
+    ``sqrt(d) eps_32``, a few 1e-7 at d = 1536), their elementwise products summed in float64;
+    the result is clamped at 0 before the square root because rounding can make a tiny trace
+    negative. Relative accuracy degrades (to about ``eps * ||B||^2 ||A||^2 / ||B A||^2``) when
+    the product cancels heavily.
     """
     b, a = _check_pair(b, a)
     dtype = _out_dtype(b, a)
@@ -429,18 +430,19 @@ def factored_svd(
         rank, 1, min(d_out, d_in, total), f"min(d_out={d_out}, d_in={d_in}, sum of ranks={total})"
     )
     sqrt_w = np.sqrt(w)
-    p = _scaled_concat(bs, sqrt_w, 1, np.dtype(np.float64))
     if _dense_route(d_out, d_in, total):
+        p = _scaled_concat(bs, sqrt_w, 1, np.dtype(np.float64))
         u, s, vt = _leading_svd(p @ _scaled_concat(as_, sqrt_w, 0, np.dtype(np.float64)), rank)
     else:
-        u, s, vt = _core_svd(p, as_, sqrt_w, rank)
+        u, s, vt = _core_svd(bs, as_, sqrt_w, rank)
     return u.astype(dtype, copy=False), s.astype(dtype), vt.astype(dtype, copy=False)
 
 
 def _core_svd(
-    p: np.ndarray, as_: list[np.ndarray], sqrt_w: np.ndarray, rank: int
+    bs: list[np.ndarray], as_: list[np.ndarray], sqrt_w: np.ndarray, rank: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`factored_svd`'s factored route: QR of ``P`` and ``Q^T``, SVD of the small core."""
+    p = _scaled_concat(bs, sqrt_w, 1, np.dtype(np.float64))  # d_out x R
     q_p, r_p = np.linalg.qr(p)  # d_out x m, m x R with m = min(d_out, R)
     del p  # free before the second QR to keep the peak low
     # Q^T built directly: d_in x R.
