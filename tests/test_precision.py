@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from client_apps.lora_client import _worker
+from client_apps.local_training import _worker
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import RunSettings, parse_run_config, require_runs_on, setting
 from hetfed.data import DataConfig, load_splits
