@@ -29,20 +29,23 @@ def padded_weighted_sum(
     weights: Weights,
     filler: str = "zero",
 ) -> LoraPairs:
-    """Per module: pad every reply to ``rank`` with ``filler``, then
+    """Per module, the weighted sum of the replies padded to ``rank`` with ``filler``
 
-        B <- sum_k w_k B~_k,   A <- sum_k w_k A~_k   (weights as given, per module or shared).
+        B <- sum_k w_k B~_k,   A <- sum_k w_k A~_k   (weights as given, per module or shared),
 
+    :func:`hetfed.lora_algebra.padded_sum`: each reply added once, in place, no padded copies.
     Zero-padding and FedIT (one rank: the padding is the identity), HetLoRA (sparsity weights),
     HeLoRA-Pad (fillers, n_k r_k weights), the layer methods and HeLoRA-KD's groups."""
-    aggregated = {}
-    for module in modules:
-        padded = [la.pad(*pairs[module], rank, filler) for pairs in replies]
-        aggregated[module] = (
-            la.weighted_sum([b for b, _ in padded], _of(weights, module)),
-            la.weighted_sum([a for _, a in padded], _of(weights, module)),
+    return {
+        module: la.padded_sum(
+            [pairs[module][0] for pairs in replies],
+            [pairs[module][1] for pairs in replies],
+            _of(weights, module),
+            rank,
+            filler,
         )
-    return aggregated
+        for module in modules
+    }
 
 
 def per_index_average(

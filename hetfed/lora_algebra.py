@@ -15,9 +15,15 @@ Conventions
   takes the weights the caller passes (so a caller can fold a per-client scaling ``s_k`` into
   ``w_k``), but rejects negative, non-finite or all-zero weights.
 * dtypes: a function returns the dtype of its inputs (``np.result_type`` over all matrices it
-  combines; integer or bool inputs give ``float64``; complex inputs are rejected). Where rounding
-  matters (sums over clients, means, Gram matrices, QR and SVD) the work is done in ``float64``
-  and the result is cast back to that dtype at the end.
+  combines; integer or bool inputs give ``float64``; complex inputs are rejected). The sums of
+  the LoRA factors over clients (:func:`padded_sum`, :func:`average_per_rank_index`,
+  :func:`stack` and :func:`add_stacked_product`) and HetLoRA's Gram matrices
+  (:func:`product_frobenius_norm`) are computed in place in that dtype: they stream every reply
+  once, and float32 replies give float32 sums whose rounding (about ``sqrt(K) eps_32 ~ 1e-6``
+  relative for K clients) is far below what a float32 reply holds. Where rounding decides the
+  result (means, the head's :func:`weighted_sum`, FlexLoRA's product, Gram matrix, QR and SVD,
+  whose leading subspace moves by the rounding divided by a gap between singular values) the
+  work is done in ``float64`` and the result is cast back to that dtype at the end.
 * Bad input raises ``ValueError`` whose message names the offending value and what is allowed.
 * Results never alias their inputs: slices are returned as copies.
 
@@ -42,13 +48,18 @@ import numbers
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.linalg
 
 __all__ = [
     "FILLERS",
+    "add_stacked_product",
     "average_per_rank_index",
     "factored_svd",
+    "factored_svd_flops",
+    "low_rank_factors",
     "normalize_weights",
     "pad",
+    "padded_sum",
     "product_frobenius_norm",
     "stack",
     "svd_factors",
@@ -63,13 +74,15 @@ FILLERS: tuple[str, ...] = ("zero", "mean", "linear", "adjacent")
 
 # --------------------------------------------------------------------------- validation helpers
 
+_REAL_KINDS = "biuf"  # numpy dtype kinds of bool, signed and unsigned integers, floats
+
 
 def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
     """``x`` as a 2-D real numpy array (no copy when it already is one)."""
     arr = np.asarray(x)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D matrix; got an array of shape {arr.shape}")
-    if np.iscomplexobj(arr) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+    if arr.dtype.kind not in _REAL_KINDS:
         raise ValueError(f"{name} must hold real numbers; got dtype {arr.dtype}")
     return arr
 
@@ -140,23 +153,36 @@ def _check_clients(
     bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], weights: Sequence[float]
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """Validate K clients' pairs: same d_out for every B, same d_in for every A, one weight each."""
-    bs, as_ = list(bs), list(as_)
+    bs, as_ = [np.asarray(b) for b in bs], [np.asarray(a) for a in as_]
     if not bs:
         raise ValueError("bs is empty; allowed: at least one client")
     if len(bs) != len(as_):
         raise ValueError(f"got {len(bs)} B matrices and {len(as_)} A matrices; they must match")
-    pairs = [_check_pair(b, a, f"[{k}]") for k, (b, a) in enumerate(zip(bs, as_, strict=True))]
-    bs = [b for b, _ in pairs]
-    as_ = [a for _, a in pairs]
-    d_out, d_in = bs[0].shape[0], as_[0].shape[1]
-    for k, (b, a) in enumerate(pairs):
-        if b.shape[0] != d_out or a.shape[1] != d_in:
-            raise ValueError(
-                f"client {k} has B {b.shape} and A {a.shape}, but client 0 has d_out={d_out}, "
-                f"d_in={d_in}; every client must share d_out and d_in (ranks may differ)"
-            )
+    b0, a0 = _check_pair(bs[0], as_[0], "[0]")
+    d_out, d_in = b0.shape[0], a0.shape[1]
+    for k, (b, a) in enumerate(zip(bs, as_, strict=True)):
+        if _is_pair(b, a, d_out, d_in):  # the common case, without building any message
+            continue
+        b, a = _check_pair(b, a, f"[{k}]")
+        raise ValueError(
+            f"client {k} has B {b.shape} and A {a.shape}, but client 0 has d_out={d_out}, "
+            f"d_in={d_in}; every client must share d_out and d_in (ranks may differ)"
+        )
     w = _check_weights(weights, count=len(bs))
     return bs, as_, w
+
+
+def _is_pair(b: np.ndarray, a: np.ndarray, d_out: int, d_in: int) -> bool:
+    """Whether (b, a) is a real d_out x r, r x d_in pair with r >= 1 (what _check_pair checks)."""
+    return (
+        b.ndim == 2
+        and a.ndim == 2
+        and b.dtype.kind in _REAL_KINDS
+        and a.dtype.kind in _REAL_KINDS
+        and b.shape[0] == d_out
+        and a.shape[1] == d_in
+        and b.shape[1] == a.shape[0] >= 1
+    )
 
 
 # --------------------------------------------------------------------------------- functions
@@ -233,19 +259,23 @@ def pad(
 def product_frobenius_norm(b: np.ndarray, a: np.ndarray) -> float:
     """``||B A||_F`` without forming the ``d_out x d_in`` product.
 
-    ``||B A||_F^2 = trace((B^T B)(A A^T))``: two ``r x r`` Gram matrices, cost
-    ``O((d_out + d_in) r^2)``. This is HetLoRA's sparsity weight ``S_k`` (Cho et al.,
-    arXiv 2401.06432). Computed in float64; the result is clamped at 0 before the square root
-    because rounding can make a tiny trace negative. Relative accuracy degrades (to about
-    ``eps * ||B||^2 ||A||^2 / ||B A||^2``) when the product cancels heavily.
+    ``||B A||_F^2 = trace((B^T B)(A A^T))``: two ``r x r`` Gram matrices, ``(d_out + d_in) r^2``
+    flops (BLAS syrk forms one triangle: ``r (r + 1) / 2`` multiply-adds a row). This is
+    HetLoRA's sparsity weight ``S_k`` (Cho et al., arXiv 2401.06432). The Gram matrices are
+    computed in the factors' dtype (float32 factors: float32, relative error about
+    ``sqrt(d) eps_32``, a few 1e-7 at d = 1536), their elementwise products summed in float64;
+    the result is clamped at 0 before the square root because rounding can make a tiny trace
+    negative. Relative accuracy degrades (to about ``eps * ||B||^2 ||A||^2 / ||B A||^2``) when
+    the product cancels heavily.
     """
     b, a = _check_pair(b, a)
-    b64 = b.astype(np.float64, copy=False)
-    a64 = a.astype(np.float64, copy=False)
-    gram_b = b64.T @ b64
-    gram_a = a64 @ a64.T
+    dtype = _out_dtype(b, a)
+    b = b.astype(dtype, copy=False)
+    a = a.astype(dtype, copy=False)
+    gram_b = b.T @ b
+    gram_a = a @ a.T
     # trace(X Y) = sum(X * Y^T), and Y = A A^T is symmetric.
-    sq = float(np.sum(gram_b * gram_a))
+    sq = float(np.sum(gram_b * gram_a, dtype=np.float64))
     return math.sqrt(max(sq, 0.0))
 
 
@@ -301,19 +331,63 @@ def stack(
     Wang et al., NeurIPS 2024. ``B_s`` is ``d_out x sum r_k`` and ``A_s`` is ``sum r_k x d_in``,
     and ``B_s A_s = sum_k w_k B_k A_k`` exactly (ranks may differ between clients). Weights are
     used as given and folded into the A side, as in FLoRA's code. Returned in the inputs'
-    common dtype; the products ``w_k A_k`` are formed in float64 first.
+    common dtype; each ``w_k A_k`` is written straight into ``A_s`` in that dtype.
     """
     bs, as_, w = _check_clients(bs, as_, weights)
-    dtype = _out_dtype(*bs, *as_)
-    b_s = np.concatenate(bs, axis=1).astype(dtype, copy=False)
-    a_s = np.concatenate(
-        [
-            (wk * a.astype(np.float64, copy=False)).astype(dtype)
-            for wk, a in zip(w, as_, strict=True)
-        ],
-        axis=0,
-    )
-    return b_s, a_s
+    return _stack(bs, as_, w, _out_dtype(*bs, *as_))
+
+
+def _stack(
+    bs: list[np.ndarray], as_: list[np.ndarray], w: np.ndarray, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`stack` on validated inputs, in ``dtype``."""
+    return np.concatenate(bs, axis=1, dtype=dtype), _scaled_concat(as_, w, 0, dtype)
+
+
+def _scaled_concat(
+    mats: Sequence[np.ndarray], scales: np.ndarray, axis: int, dtype: np.dtype
+) -> np.ndarray:
+    """``[c_1 M_1, ..., c_K M_K]`` joined along ``axis`` (0: rows, 1: columns), each product
+    written straight into the result, computed in ``dtype``."""
+    sizes = [m.shape[axis] for m in mats]
+    shape = list(mats[0].shape)
+    shape[axis] = sum(sizes)
+    out = np.empty(shape, dtype)
+    start = 0
+    for scale, m, size in zip(scales.tolist(), mats, sizes, strict=True):
+        part = slice(start, start + size)
+        np.multiply(m, scale, out=out[part] if axis == 0 else out[:, part], dtype=dtype)
+        start += size
+    return out
+
+
+def add_stacked_product(
+    c: np.ndarray, bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], weights: Sequence[float]
+) -> np.ndarray:
+    """``C + sum_k w_k B_k A_k``: FLoRA's merge of the stacked updates into the base weights.
+
+    Wang et al., NeurIPS 2024. ``sum_k w_k B_k A_k = B_s A_s`` (:func:`stack`), so the merge is
+    one matrix product, ``2 d_out d_in R`` flops for ``R = sum r_k``, which BLAS gemm adds to a
+    copy of ``C`` (``d_out x d_in``) in place (beta = 1: no product array is allocated). Weights
+    are used as given. Computed in the common dtype of ``C`` and the factors (float32 deltas and
+    replies: float32, see the conventions above) and returned in it; ``C`` is not modified.
+    """
+    bs, as_, w = _check_clients(bs, as_, weights)
+    c = _as_matrix(c, "c")
+    d_out, d_in = bs[0].shape[0], as_[0].shape[1]
+    if c.shape != (d_out, d_in):
+        raise ValueError(f"c has shape {c.shape}; allowed: (d_out, d_in) = {(d_out, d_in)}")
+    dtype = _out_dtype(c, *bs, *as_)
+    b_s, a_s = _stack(bs, as_, w, dtype)
+    out = np.array(c, dtype=dtype, order="C")  # C-ordered, so out.T is Fortran-ordered
+    gemm = scipy.linalg.get_blas_funcs("gemm", (out,))
+    # (C + B_s A_s)^T = A_s^T B_s^T + C^T, all three Fortran-ordered views: BLAS works in place.
+    return gemm(1.0, a_s.T, b_s.T, beta=1.0, c=out.T, overwrite_c=True).T
+
+
+def _dense_route(d_out: int, d_in: int, total: int) -> bool:
+    """Whether :func:`factored_svd` forms ``W``: its stack is at least as wide as the layer."""
+    return total >= min(d_out, d_in)
 
 
 def factored_svd(
@@ -322,25 +396,31 @@ def factored_svd(
     weights: Sequence[float],
     rank: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Leading ``rank`` singular triplets of ``W = sum_k w_k B_k A_k``, never forming ``W``.
+    """Leading ``rank`` singular triplets of ``W = sum_k w_k B_k A_k``.
 
     FlexLoRA's server step (Bai et al., NeurIPS 2024), computed from the factors. With
     ``P = [sqrt(w_1) B_1 | ... | sqrt(w_K) B_K]`` (``d_out x R``, ``R = sum r_k``) and
-    ``Q = [sqrt(w_1) A_1; ...; sqrt(w_K) A_K]`` (``R x d_in``), ``W = P Q``. Then
+    ``Q = [sqrt(w_1) A_1; ...; sqrt(w_K) A_K]`` (``R x d_in``), ``W = P Q``. Two exact routes:
 
-    ``P = Q_P R_P`` and ``Q^T = Q_Q R_Q`` (reduced QR), ``R_P R_Q^T = U' S V'^T`` (small SVD),
-    ``U = Q_P U'`` and ``V^T = V'^T Q_Q^T``,
+    * ``R < min(d_out, d_in)`` (factored, ``W`` never formed): ``P = Q_P R_P`` and
+      ``Q^T = Q_Q R_Q`` (reduced QR), ``R_P R_Q^T = U' S V'^T`` (SVD of the ``R x R`` core),
+      ``U = Q_P U'`` and ``V^T = V'^T Q_Q^T``. Memory ``O((d_out + d_in) R + R^2)``.
+    * ``R >= min(d_out, d_in)`` (dense: the core would be ``d_out x d_in`` anyway): ``W = P Q``
+      (one product), then its leading triplets through the Gram matrix of its smaller side
+      (:func:`_leading_svd`): with ``M = W`` (or ``W^T`` when ``d_out < d_in``),
+      ``M^T M = X diag(S^2) X^T`` (``n x n``, ``n = min(d_out, d_in)``, only the leading ``rank``
+      eigenvectors), and ``M X = Y diag(S)`` by a QR of ``M X``. No full SVD of the
+      ``d_out x d_in`` matrix.
 
-    so ``W = U diag(S) V^T``. Returns ``(U[:, :rank], S[:rank], Vt[:rank, :])`` with ``S``
-    non-increasing; ``rank`` must satisfy ``1 <= rank <= min(d_out, d_in, R)``.
+    Either way ``W = U diag(S) V^T``. Returns ``(U[:, :rank], S[:rank], Vt[:rank, :])`` with
+    ``S`` non-increasing; ``rank`` must satisfy ``1 <= rank <= min(d_out, d_in, R)``. Singular
+    vectors are unique up to sign (and within equal singular values), their products are not.
+    Operation counts: :func:`factored_svd_flops`.
 
     Weights are used as given: pass ``w_k = p_k * s_k`` to include each client's LoRA scaling as
     FlexLoRA does. The square root goes on both sides to keep P and Q equally well scaled.
-    Memory is ``O((d_out + d_in) R + R^2)``; no ``d_out x d_in`` array is allocated (the core
-    ``R_P R_Q^T`` is at most ``min(d_out, R) x min(d_in, R)``) unless ``R >= min(d_out, d_in)``:
-    then the core is ``d_out x d_in`` anyway, and ``W = P Q`` (one product, no QR) is computed
-    and decomposed directly, the cheaper of two equal-sized routes. Everything is computed in
-    float64 and cast back to the inputs' common dtype.
+    Everything is computed in float64 (the leading subspace moves by the rounding of ``W``
+    divided by the gap below ``S[rank - 1]``) and cast back to the inputs' common dtype.
     """
     bs, as_, w = _check_clients(bs, as_, weights)
     dtype = _out_dtype(*bs, *as_)
@@ -350,25 +430,23 @@ def factored_svd(
         rank, 1, min(d_out, d_in, total), f"min(d_out={d_out}, d_in={d_in}, sum of ranks={total})"
     )
     sqrt_w = np.sqrt(w)
-    p = np.concatenate(
-        [sw * b.astype(np.float64, copy=False) for sw, b in zip(sqrt_w, bs, strict=True)], axis=1
-    )
-    if total >= min(d_out, d_in):  # the stack is as wide as the layer: W itself is no larger
-        q = np.concatenate(
-            [sw * a.astype(np.float64, copy=False) for sw, a in zip(sqrt_w, as_, strict=True)]
-        )
-        u, s, vt = np.linalg.svd(p @ q, full_matrices=False)
-        return (
-            u[:, :rank].astype(dtype),
-            s[:rank].astype(dtype),
-            vt[:rank, :].astype(dtype),
-        )
+    if _dense_route(d_out, d_in, total):
+        p = _scaled_concat(bs, sqrt_w, 1, np.dtype(np.float64))
+        u, s, vt = _leading_svd(p @ _scaled_concat(as_, sqrt_w, 0, np.dtype(np.float64)), rank)
+    else:
+        u, s, vt = _core_svd(bs, as_, sqrt_w, rank)
+    return u.astype(dtype, copy=False), s.astype(dtype), vt.astype(dtype, copy=False)
+
+
+def _core_svd(
+    bs: list[np.ndarray], as_: list[np.ndarray], sqrt_w: np.ndarray, rank: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`factored_svd`'s factored route: QR of ``P`` and ``Q^T``, SVD of the small core."""
+    p = _scaled_concat(bs, sqrt_w, 1, np.dtype(np.float64))  # d_out x R
     q_p, r_p = np.linalg.qr(p)  # d_out x m, m x R with m = min(d_out, R)
     del p  # free before the second QR to keep the peak low
     # Q^T built directly: d_in x R.
-    qt = np.concatenate(
-        [sw * a.astype(np.float64, copy=False).T for sw, a in zip(sqrt_w, as_, strict=True)], axis=1
-    )
+    qt = _scaled_concat([a.T for a in as_], sqrt_w, 1, np.dtype(np.float64))
     q_q, r_q = np.linalg.qr(qt)  # d_in x n, n x R with n = min(d_in, R)
     del qt
     core = r_p @ r_q.T  # m x n, the only part whose size does not grow with d_out * d_in
@@ -376,9 +454,60 @@ def factored_svd(
     u_core, s, vt_core = np.linalg.svd(core, full_matrices=False)
     del core
     # Only the leading `rank` triplets are lifted back to full size.
-    u = q_p @ u_core[:, :rank]
-    vt = vt_core[:rank, :] @ q_q.T
-    return u.astype(dtype, copy=False), s[:rank].astype(dtype), vt.astype(dtype, copy=False)
+    return q_p @ u_core[:, :rank], s[:rank], vt_core[:rank, :] @ q_q.T
+
+
+def _leading_svd(w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading ``rank`` singular triplets of a float64 matrix through the Gram matrix of its
+    smaller side.
+
+    ``M = W`` when ``W`` is tall, else ``W^T`` (``m x n``, ``m >= n``). The top ``rank``
+    eigenvectors ``X`` of ``M^T M = X diag(S^2) X^T`` (LAPACK syevr on ``n x n``) are the right
+    singular vectors; the QR of ``M X = Y R`` (largest first) gives the left ones, ``Y`` with
+    signs making the diagonal of ``R`` non-negative, and ``S = diag(R)`` (``||M x_i||``,
+    accurate also where ``S^2`` is lost in the rounding of ``M^T M``; a zero singular value still
+    gets a unit vector orthogonal to the others). Sorted by ``S``, non-increasing.
+    ``M = Y diag(S) X^T`` up to rounding of order ``eps S_0^2 / S_i`` in component ``i``.
+    """
+    tall = w.shape[0] >= w.shape[1]
+    m = w if tall else w.T
+    n = m.shape[1]
+    gram = m.T @ m  # n x n (BLAS syrk)
+    _, x = scipy.linalg.eigh(
+        gram, subset_by_index=[n - rank, n - 1], overwrite_a=True, check_finite=False
+    )
+    x = np.ascontiguousarray(x[:, ::-1])  # descending: the QR takes the largest first
+    q, r = np.linalg.qr(m @ x)
+    diagonal = np.diagonal(r)
+    y = q * np.where(diagonal < 0, -1.0, 1.0)
+    order = np.argsort(-np.abs(diagonal), kind="stable")
+    y, s, x = y[:, order], np.abs(diagonal)[order], x[:, order]
+    return (y, s, x.T) if tall else (x, s, y.T)
+
+
+def factored_svd_flops(d_out: int, d_in: int, ranks: Sequence[int], rank: int) -> float:
+    """Floating-point operations (a multiply-add counts 2) of :func:`factored_svd` on replies of
+    ``ranks`` and a ``d_out x d_in`` layer, by the route it takes, from the classic counts
+    (Golub and Van Loan), with ``R = sum(ranks)``, ``n = min(d_out, d_in)``, ``m = max``:
+
+    * dense: ``W = P Q`` 2 d_out d_in R; Gram m n^2 (syrk); top-``rank`` eigenpairs
+      4/3 n^3 (tridiagonal reduction) + 2 n^2 rank (back-transformation); ``M X`` 2 m n rank;
+      its QR and Q 4 m rank^2;
+    * factored: QR of P and Q^T with their Q 4 (d_out + d_in) R^2; core 2 R^3; its SVD 26 R^3;
+      lifts 2 (d_out + d_in) R rank.
+    """
+    total = sum(ranks)
+    n, m = min(d_out, d_in), max(d_out, d_in)
+    if _dense_route(d_out, d_in, total):
+        return float(
+            2 * d_out * d_in * total
+            + m * n * n
+            + 4 / 3 * n**3
+            + 2 * n * n * rank
+            + 2 * m * n * rank
+            + 4 * m * rank * rank
+        )
+    return float(4 * (d_out + d_in) * total**2 + 28 * total**3 + 2 * (d_out + d_in) * total * rank)
 
 
 def svd_factors(
@@ -419,6 +548,82 @@ def svd_factors(
     return b.astype(dtype, copy=False), vt[:rank, :].astype(dtype)
 
 
+def _rank_sums(
+    bs: list[np.ndarray], as_: list[np.ndarray], w: np.ndarray, dtype: np.dtype
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``T_r = sum_{k: r_k = r} w_k (B_k, A_k)`` for each distinct client rank ``r``, every reply
+    added in place into its rank's sum, a contiguous array (inputs already validated)."""
+    sums: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for wk, b, a in zip(w.tolist(), bs, as_, strict=True):  # Python floats keep float32 float32
+        r = b.shape[1]
+        if r not in sums:
+            sums[r] = (np.zeros((b.shape[0], r), dtype), np.zeros((r, a.shape[1]), dtype))
+        sum_b, sum_a = sums[r]
+        _add_scaled(sum_b, wk, b)
+        _add_scaled(sum_a, wk, a)
+    return sums
+
+
+_AXPY = {
+    np.dtype(np.float32): scipy.linalg.blas.saxpy,
+    np.dtype(np.float64): scipy.linalg.blas.daxpy,
+}
+
+
+def _add_scaled(total: np.ndarray, scale: float, x: np.ndarray) -> None:
+    """``total += scale * x`` in place, in ``total``'s dtype; ``total`` is C-ordered. BLAS axpy
+    where both share a float dtype and ``x`` is C-ordered (one pass over ``x``, no temporary),
+    numpy otherwise."""
+    axpy = _AXPY.get(total.dtype)
+    if axpy is not None and x.dtype == total.dtype and x.flags.c_contiguous:
+        axpy(x.reshape(-1), total.reshape(-1), a=scale)
+    else:
+        total += np.multiply(x, scale, dtype=total.dtype)
+
+
+def _padded_sum(
+    bs: list[np.ndarray], as_: list[np.ndarray], w: np.ndarray, rank: int, filler: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`padded_sum` on validated inputs."""
+    dtype = _out_dtype(*bs, *as_)
+    out_b = np.zeros((bs[0].shape[0], rank), dtype)
+    out_a = np.zeros((rank, as_[0].shape[1]), dtype)
+    for sum_b, sum_a in _rank_sums(bs, as_, w, dtype).values():
+        pad_b, pad_a = pad(sum_b, sum_a, rank, filler)
+        out_b += pad_b
+        out_a += pad_a
+    return out_b, out_a
+
+
+def padded_sum(
+    bs: Sequence[np.ndarray],
+    as_: Sequence[np.ndarray],
+    weights: Sequence[float],
+    rank: int,
+    filler: str = "zero",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``sum_k w_k pad(B_k, A_k, rank, filler)``, without a padded copy of any reply.
+
+    The padded weighted sum of zero-padding and FedIT (one rank: the padding is the identity),
+    HetLoRA (Cho et al., arXiv 2401.06432, sparsity weights), HeLoRA-Pad (Fan et al., ACM TOIT
+    25(2) 2025, fillers) and the layer methods. Every filler of :func:`pad` is linear in the
+    factors (zeros, a mean, a row or column mean, a copy of the last row or column), so
+
+        sum_k w_k pad(B_k, A_k) = sum_r pad(T_r),   T_r = sum_{k: r_k = r} w_k (B_k, A_k):
+
+    each reply is added once, in place, into the sum of its rank (``T_r += w_k B_k``, as a plain
+    weighted accumulation does), and only the few per-rank sums are padded. Weights are used as
+    given; ``rank`` must be at least every client's rank. Accumulated in the inputs' common dtype
+    (float32 replies: float32, see the conventions above), returned in it.
+    """
+    bs, as_, w = _check_clients(bs, as_, weights)
+    if filler not in FILLERS:
+        raise ValueError(f"unknown filler {filler!r}; allowed: {', '.join(FILLERS)}")
+    largest = max(b.shape[1] for b in bs)
+    rank = _check_grown_rank(rank, largest, "the largest client rank")
+    return _padded_sum(bs, as_, w, rank, filler)
+
+
 def average_per_rank_index(
     bs: Sequence[np.ndarray],
     as_: Sequence[np.ndarray],
@@ -433,26 +638,22 @@ def average_per_rank_index(
     ``sum_{k: r_k > i} w_k X_k[i] / sum_{k: r_k > i} w_k``,
 
     so the weights' scale does not matter. An index that no client has, or whose clients all have
-    weight 0, is zero. Averaged in float64, returned in the inputs' common dtype.
+    weight 0, is zero. The numerators are the zero-padded sum (:func:`padded_sum`, accumulated in
+    place in the inputs' common dtype), the denominators are summed in float64; returned in the
+    inputs' common dtype.
     """
     bs, as_, w = _check_clients(bs, as_, weights)
-    dtype = _out_dtype(*bs, *as_)
-    ranks = np.array([b.shape[1] for b in bs])
-    rank = _check_grown_rank(rank, int(ranks.max()), "the largest client rank")
-    d_out, d_in = bs[0].shape[0], as_[0].shape[1]
-    num_b = np.zeros((d_out, rank))
-    num_a = np.zeros((rank, d_in))
+    ranks = [b.shape[1] for b in bs]
+    rank = _check_grown_rank(rank, max(ranks), "the largest client rank")
+    num_b, num_a = _padded_sum(bs, as_, w, rank, "zero")
     den = np.zeros(rank)  # sum of the weights of the clients holding each index
-    for wk, b, a in zip(w, bs, as_, strict=True):
-        r = b.shape[1]
-        num_b[:, :r] += wk * b
-        num_a[:r, :] += wk * a
+    for wk, r in zip(w, ranks, strict=True):
         den[:r] += wk
     # Indices with no (positively weighted) client stay zero instead of dividing by zero.
     held = den > 0
-    num_b[:, held] /= den[held]
-    num_a[held, :] /= den[held, None]
-    return num_b.astype(dtype, copy=False), num_a.astype(dtype, copy=False)
+    np.divide(num_b, den, out=num_b, where=held)
+    np.divide(num_a, den[:, None], out=num_a, where=held[:, None])
+    return num_b, num_a
 
 
 def low_rank_factors(matrix: np.ndarray, rtol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,9 @@ Per LoRA module, with p_k = n_k / sum(n) and each client's scaling s_k:
 
 - Aggregate: W_g = sum_k p_k s_k B_k A_k = U diag(S) V^T, computed from the factors
   (:func:`hetfed.lora_algebra.factored_svd`, weights p_k times the scaling each reply's product
-  is read at); the d_out x d_in matrix W_g is never formed. The server keeps the leading
+  is read at): while the replies' ranks sum to less than the layer's width the d_out x d_in
+  matrix W_g is never formed; otherwise it is, and its leading triplets come from the Gram
+  matrix of its smaller side (no full SVD). The server keeps the leading
   r_max = :meth:`global_rank` triplets as a LoRA module of the global scaling s_g:
   B = U diag(S) / s_g, A = V^T (:func:`hetfed.lora_algebra.svd_factors`), so s_g B A is the
   best rank-r_max approximation.

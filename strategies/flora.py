@@ -9,7 +9,8 @@ Per LoRA module, with p_k = n_k / sum(n) and client scaling s_k = alpha_k / r_k:
   B_s = [B_1 | ... | B_K], A_s = [p_1 s_1 A_1; ...; p_K s_K A_K], so
   B_s A_s = sum_k p_k s_k B_k A_k exactly, whatever the ranks.
 - Merge into the base weights: the global state carries a dense delta per module under
-  ``<module>.base_layer.delta``; delta <- delta + B_s A_s. Clients train on W0 + delta.
+  ``<module>.base_layer.delta``; delta <- delta + B_s A_s, one matrix product added in place
+  (:func:`hetfed.lora_algebra.add_stacked_product`). Clients train on W0 + delta.
 - Restart: after every aggregation the global LoRA factors are re-initialised, A uniform in
   +-1/sqrt(d_in) (peft's kaiming-uniform with a = sqrt(5)) from
   :func:`hetfed.seeds.fresh_lora_rng`, B = 0; every client starts a fresh rank-r_k LoRA (the
@@ -93,11 +94,12 @@ class FLoRA(LoRAStrategy):
         old = {**zero_deltas(global_lora), **adapter_state.base_deltas(global_state)}
         merged = dict(old)  # deltas of modules without LoRA (none today) are kept
         for module in global_lora:
-            b_s, a_s = la.stack(
-                [pairs[module][0] for pairs in lora], [pairs[module][1] for pairs in lora], weights
-            )
-            update = b_s.astype(np.float64) @ a_s.astype(np.float64)
-            merged[module] = (old[module].astype(np.float64) + update).astype(old[module].dtype)
+            merged[module] = la.add_stacked_product(
+                old[module],
+                [pairs[module][0] for pairs in lora],
+                [pairs[module][1] for pairs in lora],
+                weights,
+            ).astype(old[module].dtype, copy=False)
         return merged
 
     def aggregate_lora(

@@ -50,7 +50,10 @@ class ClientUpdate:
         return adapter_state.split_state(self.state)[1]
 
     def restricted(self, modules: list[str]) -> ClientUpdate:
-        """This update with only the given LoRA modules (and the head)."""
+        """This update with only the given LoRA modules (and the head); itself when those are
+        all its modules (no new state to split again)."""
+        if len(modules) == len(self.lora) and all(m in self.lora for m in modules):
+            return self
         pairs, head = adapter_state.split_state(self.state)
         state = adapter_state.join_state({m: pairs[m] for m in modules}, head)
         return ClientUpdate(

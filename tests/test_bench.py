@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from hetfed import adapter_state, wire
 from hetfed import lora_algebra as la
 from hetfed.results import RoundRecord
+from strategies.replies import ClientUpdate
 from strategies.zeropad import ZeroPad
 from tests.conftest import REPO
 from tests.harness import InProcessGrid, global_state, make
@@ -24,6 +25,7 @@ from tooling import cli, scenarios
 from tooling.bench import (
     aggregation,
     client_throughput,
+    command,
     common,
     device_messages,
     overhead,
@@ -86,6 +88,51 @@ def test_server_aggregation_quick_runs_every_rank_strategy():
     assert "no server model" in rows["helora-kd"]["note"]
     assert result["modules"] == 2 * len(aggregation.QUICK_SMOLLM2_BLOCK)
     json.dumps(result)
+
+
+def test_server_aggregation_rows_have_the_reference_beside_them():
+    result = aggregation.server_aggregation(
+        8, (2, 4, 8), aggregation.QUICK_SMOLLM2_BLOCK, 2, ["zeropad", "fedit", "flora", "flexlora"]
+    )
+    rows = {r["strategy"]: r for r in result["strategies"]}
+    reference = result["reference"]
+    assert (
+        reference["ranks"] == [2, 8] and reference["reply_bytes"] == rows["zeropad"]["reply_bytes"]
+    )
+    for row in rows.values():
+        assert row["percent_of_reference"] == pytest.approx(
+            100 * row["reference_seconds"] / row["seconds"]
+        )
+        assert row["gb_per_second"] == pytest.approx(row["reply_bytes"] / row["seconds"] / 1e9)
+    assert (
+        rows["flexlora"]["flops_dtype"] == "float64" and rows["flora"]["flops_dtype"] == "float32"
+    )
+    assert rows["flora"]["flops"] == sum(
+        2 * d_out * d_in * rows["flora"]["total_rank"]
+        for d_out, d_in in aggregation.QUICK_SMOLLM2_BLOCK.values()
+        for _ in range(2)
+    )
+    assert rows["flexlora"]["times_arithmetic"] > 0 and "flops" not in rows["zeropad"]
+    report = command.aggregation_report(result)
+    assert "| reference | 8 | 2..8 |" in report and ">= 50%" in report and "x arithmetic" in report
+    json.dumps(result)
+
+
+def test_reference_accumulation_is_the_uniform_padded_sum():
+    rng = np.random.default_rng(0)
+    updates = [
+        ClientUpdate(k, 10, r, {"m.lora_B.weight": b, "m.lora_A.weight": a}, {}, 1.0)
+        for k, (r, b, a) in enumerate(
+            (r, rng.standard_normal((6, r), np.float32), rng.standard_normal((r, 5), np.float32))
+            for r in (1, 3, 2)
+        )
+    ]
+    b, a = aggregation.reference_accumulation(updates)["m"]
+    expected = la.padded_sum(
+        [u.lora["m"][0] for u in updates], [u.lora["m"][1] for u in updates], [1 / 3] * 3, 3
+    )
+    np.testing.assert_allclose(b, expected[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(a, expected[1], rtol=1e-6, atol=1e-7)
 
 
 def test_scenario_variant_switches_strategy_and_simulation(tmp_path):

@@ -486,3 +486,120 @@ def test_bad_input_raises_value_error(case):
     call, message = BAD_CALLS[case]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# --------------------------------------------------- padded_sum, add_stacked_product (issue 17)
+
+
+@FAST
+@given(
+    st.lists(st.integers(1, 6), min_size=1, max_size=6),  # client ranks
+    st.integers(0, 3),  # global rank above the largest
+    st.sampled_from(la.FILLERS),
+    st.integers(0, 2**32 - 1),
+)
+def test_padded_sum_is_the_weighted_sum_of_padded_copies(ranks, extra, filler, seed):
+    rng = np.random.default_rng(seed)
+    bs, as_, w = _clients(rng, 7, 5, ranks)
+    rank = max(ranks) + extra
+    got_b, got_a = la.padded_sum(bs, as_, w, rank, filler)
+    padded = [la.pad(b, a, rank, filler) for b, a in zip(bs, as_, strict=True)]
+    np.testing.assert_allclose(got_b, la.weighted_sum([b for b, _ in padded], w), atol=1e-12)
+    np.testing.assert_allclose(got_a, la.weighted_sum([a for _, a in padded], w), atol=1e-12)
+
+
+def test_padded_sum_keeps_float32_and_copies_nothing_it_returns():
+    rng = np.random.default_rng(0)
+    bs, as_, w = _clients(rng, 9, 6, [3, 3, 1], np.float32)
+    b, a = la.padded_sum(bs, as_, w, 4)
+    assert b.dtype == a.dtype == np.float32 and b.shape == (9, 4) and a.shape == (4, 6)
+    assert not any(np.shares_memory(b, x) for x in bs) and not any(
+        np.shares_memory(a, y) for y in as_
+    )
+    expected = w[0] * bs[0].astype(np.float64) + w[1] * bs[1]
+    np.testing.assert_allclose(b[:, 1:3], expected[:, 1:3], rtol=1e-5, atol=1e-6)
+
+
+def test_padded_sum_of_mixed_dtypes_and_strided_replies():
+    rng = np.random.default_rng(1)
+    bs, as_, w = _clients(rng, 8, 7, [2, 3, 3])
+    bs[0] = np.asfortranarray(bs[0])  # not C-ordered: added by numpy, not BLAS
+    as_[1] = as_[1].astype(np.float32)  # float32 next to float64: summed in float64
+    bs[2] = (10 * bs[2]).astype(np.int64)  # integers: float64
+    b, a = la.padded_sum(bs, as_, w, 4)
+    assert b.dtype == a.dtype == np.float64
+    padded = [
+        la.pad(x.astype(np.float64), y.astype(np.float64), 4) for x, y in zip(bs, as_, strict=True)
+    ]
+    np.testing.assert_allclose(b, la.weighted_sum([x for x, _ in padded], w), atol=1e-12)
+    np.testing.assert_allclose(a, la.weighted_sum([y for _, y in padded], w), atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_add_stacked_product_adds_the_weighted_products(seed, dtype):
+    rng = np.random.default_rng(seed)
+    ranks = rng.integers(1, 9, size=6)
+    bs, as_, w = _clients(rng, 17, 13, ranks, dtype)
+    c = rng.standard_normal((17, 13)).astype(dtype)
+    before = c.copy()
+    got = la.add_stacked_product(c, bs, as_, w)
+    assert got.dtype == dtype and got.shape == (17, 13)
+    np.testing.assert_array_equal(c, before)  # C itself is not modified
+    assert _rel_err(got, c + _dense(bs, as_, w)) < (1e-12 if dtype == np.float64 else 1e-5)
+
+
+def test_factored_svd_dense_route_wide_and_tall_matches_the_full_svd():
+    rng = np.random.default_rng(8)
+    for d_out, d_in in ((9, 30), (30, 9)):  # sum r = 20 >= 9: W is formed, Gram of the 9 side
+        bs, as_, w = _clients(rng, d_out, d_in, [4, 6, 5, 5])
+        dense = _dense(bs, as_, w)
+        u_d, s_d, vt_d = np.linalg.svd(dense, full_matrices=False)
+        u, s, vt = la.factored_svd(bs, as_, w, rank=5)
+        np.testing.assert_allclose(s, s_d[:5], rtol=1e-10)
+        np.testing.assert_allclose(u.T @ u, np.eye(5), atol=1e-12)
+        np.testing.assert_allclose(vt @ vt.T, np.eye(5), atol=1e-12)
+        best = (u_d[:, :5] * s_d[:5]) @ vt_d[:5]
+        assert _rel_err((u * s) @ vt, best) < 1e-10
+
+
+def test_factored_svd_dense_route_of_a_low_rank_sum_keeps_unit_vectors():
+    """W of rank 1 (and W = 0): the components past its rank are zero, their vectors still
+    orthonormal, so B = U S is zero there and A = V^T keeps orthonormal rows."""
+    rng = np.random.default_rng(9)
+    b, a = _pair(rng, 8, 1, 6)
+    for scale in (1.0, 0.0):
+        bs = [scale * np.hstack([b, np.zeros((8, 3))])] * 3  # sum r = 12 >= 6: dense route
+        as_ = [np.vstack([a, rng.standard_normal((3, 6))])] * 3
+        u, s, vt = la.factored_svd(bs, as_, [0.2, 0.3, 0.5], rank=4)
+        assert np.all(np.isfinite(u)) and np.all(np.isfinite(vt))
+        np.testing.assert_allclose(s[1:], 0.0, atol=1e-7 * max(s[0], 1.0))
+        np.testing.assert_allclose(s[0], scale * np.linalg.norm(b @ a), rtol=1e-10)
+        np.testing.assert_allclose(u.T @ u, np.eye(4), atol=1e-10)
+        np.testing.assert_allclose(vt @ vt.T, np.eye(4), atol=1e-10)
+        assert _rel_err((u * s) @ vt, scale * (b @ a)) < 1e-10 or scale == 0.0
+
+
+def test_factored_svd_flops_follow_the_route():
+    # dense: W = P Q dominates; factored: grows with the cube of the sum of the ranks
+    dense = la.factored_svd_flops(576, 576, [64] * 40, 64)
+    assert dense >= 2 * 576 * 576 * 2560 and dense < 1.5 * 2 * 576 * 576 * 2560
+    factored = la.factored_svd_flops(4096, 4096, [16] * 10, 16)
+    assert factored >= 4 * 8192 * 160**2
+
+
+NEW_BAD_CALLS = {
+    "psum rank < max": (lambda: la.padded_sum([B, B2], [A, A2], [1, 1], 2), "rank 2"),
+    "psum filler": (lambda: la.padded_sum([B], [A], [1], 4, "gaussian"), "gaussian"),
+    "psum d_in": (lambda: la.padded_sum([B, B], [A, A[:, :2]], [1, 1], 3), "d_in"),
+    "psum weights": (lambda: la.padded_sum([B], [A], [float("nan")], 3), "finite"),
+    "add c shape": (lambda: la.add_stacked_product(B @ A[:, :4], [B], [A], [1]), "shape"),
+    "add pair": (lambda: la.add_stacked_product(B @ A, [B2], [A], [1]), "share the rank"),
+}
+
+
+@pytest.mark.parametrize("case", list(NEW_BAD_CALLS), ids=list(NEW_BAD_CALLS))
+def test_bad_input_to_the_streaming_sums_raises_value_error(case):
+    call, message = NEW_BAD_CALLS[case]
+    with pytest.raises(ValueError, match=message):
+        call()

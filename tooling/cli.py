@@ -98,7 +98,8 @@ def parser() -> argparse.ArgumentParser:
         "--cpus",
         type=int,
         default=1,
-        help="item 2: CPUs of the one simulation worker; item 5: torch threads",
+        help="item 2: CPUs of the one simulation worker; item 3: BLAS threads; item 5: torch "
+        "threads (default: %(default)s)",
     )
     bench.add_argument(
         "--baseline",

@@ -1,7 +1,7 @@
 """Item 3: time and peak memory (tracemalloc) of every rank strategy's ``aggregate`` on random
-client replies of SmolLM2-135M's shapes (:func:`server_aggregation`), and FlexLoRA's factored SVD
-against the dense sum and full SVD on one transformer block of 7B-class shapes
-(:func:`flexlora_large`)."""
+client replies of SmolLM2-135M's shapes, side by side with a plain in-place accumulation of the
+same replies (:func:`server_aggregation`), and FlexLoRA's factored SVD against the dense sum and
+full SVD on one transformer block of 7B-class shapes (:func:`flexlora_large`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from hetfed import adapter_state, wire
 from hetfed import lora_algebra as la
-from hetfed.adapter_state import State
+from hetfed.adapter_state import LoraPairs, State
 from hetfed.adapters import LoraSpec
 from hetfed.config import parse_run_config
 from hetfed.errors import ConfigError
@@ -53,6 +53,17 @@ QUICK_7B_BLOCK = {m: (o // 64, i // 64) for m, (o, i) in LLAMA_7B_BLOCK.items()}
 STRATEGY_OVERRIDES = {"helora-kd": {"helora-kd.epochs": 0}}
 STRATEGY_NOTES = {"helora-kd": "FedAvg per rank group only: no server model"}
 LORA_ALPHA = 16.0
+# Item 3a's targets (issue 17): the share of the reference's GB/s a method reaches, or, for
+# FlexLoRA, the most its time may be over the time of its own arithmetic.
+PERCENT_TARGETS = {
+    "zeropad": 50,
+    "hetlora": 50,
+    "helora-pad": 50,
+    "rbla": 50,
+    "fedit": 50,
+    "flora": 33,
+}
+ARITHMETIC_TARGETS = {"flexlora": 3.0}
 
 
 def model_modules(block: dict[str, tuple[int, int]], layers: int) -> dict[str, tuple[int, int]]:
@@ -85,11 +96,20 @@ class RandomAdapters:
 
 
 def rank_strategy(
-    name: str, modules: dict[str, tuple[int, int]], profiles: DeviceProfiles
+    name: str,
+    modules: dict[str, tuple[int, int]],
+    profiles: DeviceProfiles,
+    options: dict[str, Any] | None = None,
 ) -> LoRAStrategy:
-    """Registered strategy ``name`` with its default options, bound to random adapters."""
+    """Registered strategy ``name`` with its default options (or these run-config ``options``),
+    bound to random adapters."""
     cls = load_strategy(name)
-    run_config = {"strategy": name, "data.server-examples": 1, **STRATEGY_OVERRIDES.get(name, {})}
+    run_config = {
+        "strategy": name,
+        "data.server-examples": 1,
+        **STRATEGY_OVERRIDES.get(name, {}),
+        **(options or {}),
+    }
     settings, options = parse_run_config(run_config, cls.options_class, options_prefix=name)
     strategy = cls(settings, profiles, options)
     # No model: rank strategies ask the server only for their initial adapter.
@@ -141,6 +161,143 @@ def rank_strategy_names() -> list[str]:
     return names
 
 
+def reference_accumulation(updates: Sequence[ClientUpdate]) -> LoraPairs:
+    """Item 3a's reference, the streaming bound: every reply added once, in place, into float32
+    arrays of the global shapes (the largest reply rank of each module), module by module,
+
+        B[:, :r_k] += w_k B_k,   A[:r_k, :] += w_k A_k,   w_k = 1 / K,
+
+    with nothing else: no padding, no weights to compute, no checks."""
+    replies = [u.lora for u in updates]
+    weight = 1.0 / len(replies)
+    summed = {}
+    for module in replies[0]:
+        pairs = [lora[module] for lora in replies]
+        rank = max(b.shape[1] for b, _ in pairs)
+        total_b = np.zeros((pairs[0][0].shape[0], rank), np.float32)
+        total_a = np.zeros((rank, pairs[0][1].shape[1]), np.float32)
+        for b, a in pairs:
+            r = b.shape[1]
+            total_b[:, :r] += weight * b
+            total_a[:r, :] += weight * a
+        summed[module] = (total_b, total_a)
+    return summed
+
+
+def best_seconds(functions: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """The least wall time of each function over ``repeats`` rounds in which they run in turn,
+    so that a change of the machine's load touches them alike."""
+    best = [float("inf")] * len(functions)
+    for _ in range(repeats):
+        for i, function in enumerate(functions):
+            started = time.perf_counter()
+            function()
+            best[i] = min(best[i], time.perf_counter() - started)
+    return best
+
+
+def gemm_rates(
+    modules: dict[str, tuple[int, int]], total_rank: int, repeats: int = 3
+) -> dict[str, float]:
+    """Flop/s of one BLAS matrix product per dtype (float32, float64) on this machine: the
+    widest module's ``d_out x R`` by ``R x d_in`` (``R = total_rank``), the product FLoRA and
+    FlexLoRA form; best of ``repeats``."""
+    d_out, d_in = max(modules.values(), key=lambda shape: shape[0] * shape[1])
+    rng = np.random.default_rng(0)
+    rates = {}
+    for dtype in ("float32", "float64"):
+        p = rng.standard_normal((d_out, total_rank)).astype(dtype)
+        q = rng.standard_normal((total_rank, d_in)).astype(dtype)
+        (seconds,) = best_seconds([lambda p=p, q=q: p @ q], repeats)
+        rates[dtype] = 2 * d_out * d_in * total_rank / seconds
+    return rates
+
+
+def arithmetic(
+    name: str, modules: dict[str, tuple[int, int]], ranks: Sequence[int], global_rank: int
+) -> tuple[float, str] | None:
+    """The floating-point operations of a method's products and their dtype, where they bound
+    its time: FLoRA's merge (one product of the stacks, 2 d_out d_in R per module,
+    :func:`~hetfed.lora_algebra.add_stacked_product`), FlexLoRA's
+    :func:`~hetfed.lora_algebra.factored_svd_flops`, HetLoRA's sparsity weights (two Gram
+    matrices per reply and module, (d_out + d_in) r_k^2, :func:`~hetfed.lora_algebra.
+    product_frobenius_norm`); None for the methods that only add replies."""
+    total = sum(ranks)
+    if name == "flora":
+        return sum(2.0 * d_out * d_in * total for d_out, d_in in modules.values()), "float32"
+    if name == "flexlora":
+        flops = sum(
+            la.factored_svd_flops(d_out, d_in, ranks, min(global_rank, d_out, d_in, total))
+            for d_out, d_in in modules.values()
+        )
+        return flops, "float64"
+    if name == "hetlora":
+        squares = sum(r * r for r in ranks)
+        return sum(float(d_out + d_in) * squares for d_out, d_in in modules.values()), "float32"
+    return None
+
+
+def reference_row(rows: Sequence[dict[str, Any]], ranks: list[int]) -> dict[str, Any]:
+    """The reference's own row: on the replies of every tier (``ranks`` = [smallest, largest];
+    fedit's one-rank replies left out), the median of its timings beside each strategy."""
+    rows = [row for row in rows if row["ranks"] == ranks] or list(rows)
+    seconds = float(np.median([row["reference_seconds"] for row in rows]))
+    reply_bytes = rows[0]["reply_bytes"]
+    return {
+        "strategy": "reference",
+        "clients": rows[0]["clients"],
+        "ranks": rows[0]["ranks"],
+        "reply_bytes": reply_bytes,
+        "seconds": seconds,
+        "gb_per_second": reply_bytes / seconds / 1e9,
+    }
+
+
+def strategy_row(
+    name: str,
+    modules: dict[str, tuple[int, int]],
+    profiles: DeviceProfiles,
+    num_clients: int,
+    seed: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """One strategy's row of :func:`server_aggregation`."""
+    strategy = rank_strategy(name, modules, profiles)
+    clients = strategy._register(SimulatedNodes(num_clients, {}, seed))
+    global_state = strategy.initial_state()
+    updates = random_updates(strategy, global_state, clients, seed)
+    for update in updates:  # split once, outside every timing
+        _ = update.lora, update.head
+    reference_seconds, seconds = best_seconds(
+        [
+            lambda: reference_accumulation(updates),
+            lambda: strategy.aggregate(1, updates, global_state),
+        ],
+        repeats,
+    )
+    _, _, peak = traced(strategy.aggregate, 1, updates, global_state)
+    client_ranks = [u.rank for u in updates]
+    reply_bytes = sum(wire.nbytes(u.state) for u in updates)
+    row = {
+        "strategy": name,
+        "clients": len(updates),
+        "ranks": [min(client_ranks), max(client_ranks)],
+        "total_rank": sum(client_ranks),
+        "reply_bytes": reply_bytes,
+        "seconds": seconds,
+        "gb_per_second": reply_bytes / seconds / 1e9,
+        "reference_seconds": reference_seconds,
+        "reference_gb_per_second": reply_bytes / reference_seconds / 1e9,
+        "percent_of_reference": 100 * reference_seconds / seconds,
+        "peak_bytes": peak,
+        "note": STRATEGY_NOTES.get(name, ""),
+    }
+    work = arithmetic(name, modules, client_ranks, strategy.global_rank())
+    if work is not None:
+        row |= {"flops": work[0], "flops_dtype": work[1]}
+    return row
+
+
 def server_aggregation(
     num_clients: int = 100,
     ranks: Sequence[int] = (4, 8, 16, 32, 64),
@@ -148,45 +305,42 @@ def server_aggregation(
     layers: int = SMOLLM2_135M_LAYERS,
     strategies: Sequence[str] | None = None,
     seed: int = 0,
+    repeats: int = 3,
 ) -> dict[str, Any]:
-    """Server aggregation time and peak memory of every rank strategy on random replies.
+    """Server aggregation time and peak memory of every rank strategy on random replies, side
+    by side with the reference (:func:`reference_accumulation`) on the same replies.
 
     For each strategy (default: every registered one but the layer strategies): ``num_clients``
     clients register through :class:`SimulatedNodes` with tiers of ``ranks`` in equal shares, the
     strategy's own ``initial_state`` (random factors of the ``block`` x ``layers`` shapes) is the
-    global state, every client replies random arrays of the shapes it is sent, and the strategy's
-    ``aggregate`` is called twice: once timed (wall seconds), once under tracemalloc (peak bytes
-    of Python and numpy allocations; LAPACK's work arrays are not traced). helora-kd runs its
-    FedAvg per rank group only (``epochs = 0``: no server model, no distillation); fedit trains
-    every client at its one rank (the smallest tier's).
+    global state and every client replies random arrays of the shapes it is sent. The reference
+    and the strategy's ``aggregate`` then run in turn ``repeats`` times (seconds: the least of
+    each; percent of reference = reference seconds / strategy seconds, both on these replies),
+    and ``aggregate`` once more under tracemalloc (peak bytes of Python and numpy allocations;
+    LAPACK's work arrays are not traced). Reply GB/s = reply bytes / seconds. Where a method's
+    time is bound by its products (:func:`arithmetic`) the row has their flops and the time they
+    take at this machine's matrix-product rate (:func:`gemm_rates`, same dtype). helora-kd runs
+    its FedAvg per rank group only (``epochs = 0``: no server model, no distillation); fedit
+    trains every client at its one rank (the smallest tier's).
     """
     act_as_flower_task()
     modules = model_modules(block, layers)
     profiles = rank_profiles(ranks)
-    rows = []
-    for name in strategies if strategies is not None else rank_strategy_names():
-        strategy = rank_strategy(name, modules, profiles)
-        clients = strategy._register(SimulatedNodes(num_clients, {}, seed))
-        global_state = strategy.initial_state()
-        updates = random_updates(strategy, global_state, clients, seed)
-        started = time.perf_counter()
-        strategy.aggregate(1, updates, global_state)
-        seconds = time.perf_counter() - started
-        _, _, peak = traced(strategy.aggregate, 1, updates, global_state)
-        client_ranks = [u.rank for u in updates]
-        rows.append(
-            {
-                "strategy": name,
-                "clients": len(updates),
-                "ranks": [min(client_ranks), max(client_ranks)],
-                "reply_bytes": sum(wire.nbytes(u.state) for u in updates),
-                "seconds": seconds,
-                "peak_bytes": peak,
-                "note": STRATEGY_NOTES.get(name, ""),
-            }
-        )
-        del strategy, updates, global_state
-    return {"block": block, "layers": layers, "modules": len(modules), "strategies": rows}
+    names = strategies if strategies is not None else rank_strategy_names()
+    rows = [strategy_row(name, modules, profiles, num_clients, seed, repeats) for name in names]
+    rates = gemm_rates(modules, max(row["total_rank"] for row in rows))
+    for row in rows:
+        if "flops" in row:
+            row["arithmetic_seconds"] = row["flops"] / rates[row["flops_dtype"]]
+            row["times_arithmetic"] = row["seconds"] / row["arithmetic_seconds"]
+    return {
+        "block": block,
+        "layers": layers,
+        "modules": len(modules),
+        "gemm_flops_per_second": rates,
+        "reference": reference_row(rows, [min(ranks), max(ranks)]),
+        "strategies": rows,
+    }
 
 
 def dense_svd(

@@ -15,11 +15,14 @@ from typing import Any
 import flwr
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from tooling import scenarios
 from tooling.bench import ITEMS
 from tooling.bench.aggregation import (
+    ARITHMETIC_TARGETS,
     LLAMA_7B_BLOCK,
+    PERCENT_TARGETS,
     QUICK_7B_BLOCK,
     QUICK_SMOLLM2_BLOCK,
     SMOLLM2_135M_BLOCK,
@@ -169,24 +172,7 @@ def report(results: dict[str, Any]) -> str:
             "(target <= 1.15)"
         )
     if "server_aggregation" in results:
-        item = results["server_aggregation"]
-        rows = [
-            (
-                r["strategy"],
-                r["clients"],
-                f"{r['ranks'][0]}..{r['ranks'][1]}",
-                _mib(r["reply_bytes"]),
-                r["seconds"],
-                _mib(r["peak_bytes"]),
-                r["note"],
-            )
-            for r in item["strategies"]
-        ]
-        parts.append(
-            f"## 3a. Server aggregation ({item['layers']} blocks x {len(item['block'])} "
-            f"modules)\n\n"
-            + _table(("strategy", "clients", "ranks", "replies MiB", "s", "peak MiB", "note"), rows)
-        )
+        parts.append(aggregation_report(results["server_aggregation"]))
     if "flexlora_large" in results:
         item = results["flexlora_large"]
         rows = [
@@ -254,6 +240,91 @@ def report(results: dict[str, Any]) -> str:
             + _table(("apps", "message", "messages", "reply s", "process s", "CPU s"), rows)
         )
     return "\n\n".join(parts)
+
+
+def _target(row: dict[str, Any]) -> str:
+    """A row's item-3a target and whether it is met, e.g. ">= 50%: met"."""
+    name = row["strategy"]
+    if name in PERCENT_TARGETS:
+        goal = PERCENT_TARGETS[name]
+        met = row["percent_of_reference"] >= goal
+        return f">= {goal}%: {'met' if met else 'not met'}"
+    if name in ARITHMETIC_TARGETS:
+        goal = ARITHMETIC_TARGETS[name]
+        met = row["times_arithmetic"] <= goal
+        return f"<= {goal:g}x arithmetic: {'met' if met else 'not met'}"
+    return "-"
+
+
+def aggregation_report(item: dict[str, Any]) -> str:
+    """Item 3a's table: the reference row, then every strategy with its reply GB/s, its
+    percentage of the reference timed beside it, its target and, where its products bound it,
+    their GFLOP and its time over theirs."""
+    reference = item["reference"]
+    rows = [
+        (
+            "reference",
+            reference["clients"],
+            f"{reference['ranks'][0]}..{reference['ranks'][1]}",
+            _mib(reference["reply_bytes"]),
+            reference["seconds"],
+            reference["gb_per_second"],
+            "100",
+            "-",
+            "-",
+            "-",
+            "-",
+            "plain in-place accumulation, median",
+        )
+    ]
+    for r in item["strategies"]:
+        rows.append(
+            (
+                r["strategy"],
+                r["clients"],
+                f"{r['ranks'][0]}..{r['ranks'][1]}",
+                _mib(r["reply_bytes"]),
+                r["seconds"],
+                r["gb_per_second"],
+                f"{r['percent_of_reference']:.0f}",
+                _target(r),
+                _mib(r["peak_bytes"]),
+                f"{r['flops'] / 1e9:.3g} ({r['flops_dtype']})" if "flops" in r else "-",
+                f"{r['times_arithmetic']:.2f}" if "flops" in r else "-",
+                r["note"],
+            )
+        )
+    headers = (
+        "strategy",
+        "clients",
+        "ranks",
+        "replies MiB",
+        "s",
+        "GB/s",
+        "% of reference",
+        "target",
+        "peak MiB",
+        "GFLOP",
+        "x arithmetic",
+        "note",
+    )
+    rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in item["gemm_flops_per_second"].items())
+    return (
+        f"## 3a. Server aggregation ({item['layers']} blocks x {len(item['block'])} "
+        f"modules)\n\n"
+        + _table(headers, rows)
+        + f"\n\n% of reference: the reference's seconds on the same replies, timed in turn with "
+        f"the strategy, over the strategy's (least of each); x arithmetic: seconds over GFLOP at "
+        f"this machine's matrix-product GFLOP/s ({rates})"
+    )
+
+
+def blas_threads(limit: int | None) -> contextlib.AbstractContextManager[Any]:
+    """Item 3 runs BLAS with ``--cpus`` threads (one by default, like its single-threaded
+    reference); None leaves BLAS as it is."""
+    if limit is None:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=limit, user_api="blas")
 
 
 def run_bench(
@@ -335,10 +406,13 @@ def run_bench(
             )
         ],
     }
-    for item in sorted(set(items)):
+    chosen = sorted(set(items))
+    if 3 in chosen:
+        results["item_3_blas_threads"] = cpus
+    for item in chosen:
         for key, measure in steps[item]:
             print(f"hetfed bench: measuring {key} ...", file=sys.stderr, flush=True)
-            with quiet_flower():
+            with quiet_flower(), blas_threads(cpus if item == 3 else None):
                 results[key] = measure()
             out.write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))
