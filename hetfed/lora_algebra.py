@@ -161,28 +161,14 @@ def _check_clients(
     b0, a0 = _check_pair(bs[0], as_[0], "[0]")
     d_out, d_in = b0.shape[0], a0.shape[1]
     for k, (b, a) in enumerate(zip(bs, as_, strict=True)):
-        if _is_pair(b, a, d_out, d_in):  # the common case, without building any message
-            continue
         b, a = _check_pair(b, a, f"[{k}]")
-        raise ValueError(
-            f"client {k} has B {b.shape} and A {a.shape}, but client 0 has d_out={d_out}, "
-            f"d_in={d_in}; every client must share d_out and d_in (ranks may differ)"
-        )
+        if b.shape[0] != d_out or a.shape[1] != d_in:
+            raise ValueError(
+                f"client {k} has B {b.shape} and A {a.shape}, but client 0 has d_out={d_out}, "
+                f"d_in={d_in}; every client must share d_out and d_in (ranks may differ)"
+            )
     w = _check_weights(weights, count=len(bs))
     return bs, as_, w
-
-
-def _is_pair(b: np.ndarray, a: np.ndarray, d_out: int, d_in: int) -> bool:
-    """Whether (b, a) is a real d_out x r, r x d_in pair with r >= 1 (what _check_pair checks)."""
-    return (
-        b.ndim == 2
-        and a.ndim == 2
-        and b.dtype.kind in _REAL_KINDS
-        and a.dtype.kind in _REAL_KINDS
-        and b.shape[0] == d_out
-        and a.shape[1] == d_in
-        and b.shape[1] == a.shape[0] >= 1
-    )
 
 
 # --------------------------------------------------------------------------------- functions

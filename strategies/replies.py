@@ -52,10 +52,9 @@ class ClientUpdate:
     def restricted(self, modules: list[str]) -> ClientUpdate:
         """This update with only the given LoRA modules (and the head); itself when those are
         all its modules (no new state to split again)."""
-        if len(modules) == len(self.lora) and all(m in self.lora for m in modules):
+        if set(modules) == self.lora.keys():
             return self
-        pairs, head = adapter_state.split_state(self.state)
-        state = adapter_state.join_state({m: pairs[m] for m in modules}, head)
+        state = adapter_state.join_state({m: self.lora[m] for m in modules}, self.head)
         return ClientUpdate(
             self.client_id, self.num_examples, self.rank, state, self.metrics, self.scaling
         )
