@@ -302,6 +302,7 @@ def test_a_run_resumes_after_a_superlink_restart(deployment, tmp_path, topics_co
             "the checkpoint of round 1",
         )
         deployment.crash("superlink")
+        (tmp_path / "superlink.log").rename(tmp_path / "superlink-killed.log")  # kept, not reused
         run.wait(timeout=60)  # its log stream lost the SuperLink
     finally:
         if run.poll() is None:

@@ -1,4 +1,4 @@
-"""Item 5: what one message costs a deployed device. A SuperLink and SuperNodes on loopback
+"""Item 6: what one message costs a deployed device. A SuperLink and SuperNodes on loopback
 (:mod:`tooling.loopback`, as the deployment test starts them) run the scenario; each SuperNode
 starts one ``flwr-clientapp`` process per message, and a wrapper found first on PATH times each
 of them: wall seconds from its start to its exit, and CPU seconds (user + system, its children

@@ -15,7 +15,7 @@ import torch
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import RunSettings, parse_run_config
 from hetfed.data import load_splits
-from hetfed.models import build_model, compute_device, load_tokenizer, on_compute_device
+from hetfed.models import cached_model, compute_device
 from hetfed.training import encode_split, train_steps
 from tooling import scenarios
 from tooling.bench.common import isolated
@@ -62,15 +62,14 @@ def measure_precisions(
     settings, _ = parse_run_config(run_config, strict=False)
     splits = load_splits(settings.data)
     variants = precision_variants(settings)
-    hosts = {}  # one base model per model config: fp32 and bf16 autocast share theirs
+    hosts, tokenizers = {}, {}  # one base model per model config: fp32 and bf16 autocast share
     for cfg in {variant.model for variant in variants.values()}:
-        model, _ = build_model(cfg, len(splits.label_names), settings.seed)
-        hosts[cfg] = AdapterHost(on_compute_device(model, cfg))
+        model, tokenizers[cfg] = cached_model(cfg, len(splits.label_names), settings.seed)
+        hosts[cfg] = AdapterHost(model)
     spec = LoraSpec(RANK, settings.lora.alpha, settings.lora.modules())
     initial = hosts[settings.model].initial_state(spec, seed=settings.seed)
     examples = splits.train.select(range(min(len(splits.train), steps * settings.train.batch_size)))
-    tokenizer = load_tokenizer(settings.model.name)
-    data = encode_split(settings.model, examples, splits.label_names, tokenizer)
+    data = encode_split(settings.model, examples, splits.label_names, tokenizers[settings.model])
 
     def run(name: str, local_steps: int):
         variant = variants[name]
