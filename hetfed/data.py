@@ -723,6 +723,12 @@ def load_splits(cfg: DataConfig) -> DataSplits:
     names = _renamed(names, cfg)
     if len(names) < 2 and not cfg.pairs:
         raise ConfigError("data.source", cfg.source, f"{SOURCE_ALLOWED} with >= 2 labels")
+    if len(names) < 2 and cfg.partitioner != "iid":  # pairs without labels: nothing to skew by
+        raise ConfigError(
+            "data.partitioner",
+            cfg.partitioner,
+            f"'iid' (the training data has the single label {names[0]!r}, no label skew)",
+        )
 
     if test is None:  # cut a test split, whole groups of equal texts at a time
         n_test = round(cfg.test_fraction * len(train))
@@ -851,13 +857,6 @@ def _partitioner(cfg: DataConfig, num_partitions: int) -> Partitioner:
         partitioner: Partitioner = IidPartitioner(num_partitions=num_partitions)
         partitioner.dataset = train
         return partitioner
-    names = train.features["label"].names
-    if len(names) < 2:  # a pair source without labels: nothing to skew partitions by
-        raise ConfigError(
-            "data.partitioner",
-            cfg.partitioner,
-            f"'iid' (the training data has the single label {names[0]!r}, no label skew)",
-        )
     if cfg.partitioner == "dirichlet":
         return _dirichlet(cfg, train, num_partitions)
     num_labels = len(train.unique("label"))

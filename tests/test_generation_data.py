@@ -132,6 +132,9 @@ def test_no_label_column_gives_the_single_label_all(tmp_path):
         with pytest.raises(ConfigError) as info:
             load_partition(replace(cfg, partitioner=partitioner), 0, 4)
         assert info.value.key == "data.partitioner" and "'all'" in str(info.value)
+        # refused already where the run is planned, before any client trains
+        error = error_of(replace(cfg, partitioner=partitioner))
+        assert error.key == "data.partitioner" and "'all'" in str(error)
 
 
 def test_rows_with_empty_targets_are_dropped(tmp_path):
