@@ -37,7 +37,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from hetfed import adapter_state, seeds, wire
-from hetfed import lora_algebra as la
 from hetfed.adapter_state import LoraPairs, State
 from hetfed.adapters import LoraSpec
 from hetfed.aggregation import Weights, head_average
@@ -53,7 +52,14 @@ from hetfed.results import RoundStats
 from hetfed.scaling import rescale_state, rule_alpha
 from hetfed.server_model import ServerModel
 from strategies.nodes import NodeRegistry, sample_clients
-from strategies.replies import ClientUpdate, SentAdapter, accepted_update, contributor_groups
+from strategies.replies import (
+    ClientUpdate,
+    SentAdapter,
+    accepted_update,
+    contributor_groups,
+    enough_replies,
+    train_metrics,
+)
 
 
 class LoRAStrategy(Strategy):
@@ -260,20 +266,16 @@ class LoRAStrategy(Strategy):
         """Sample, then per client: its rank and layers, its arrays, its message."""
         stats = self.stats.setdefault(server_round, RoundStats())
         settings = self.settings
-        sampled = sample_clients(settings, server_round, self.attempt, self._register(grid))
+        known = register_clients(self, grid)  # sorted client ids whose budget is known
+        sampled = sample_clients(settings, server_round, self.attempt, known)
         clients = [c for c in sampled if self.participates(c)]
         faults = choose_faults(settings.faults, settings.seed, server_round, self.attempt, clients)
         self._global_state = wire.from_record(arrays)
         prepared = [(c, *prepare(self, server_round, c, faults.get(c))) for c in clients]
         if self.clock is not None:  # the device clock: stragglers under a deadline
             prepared = on_the_clock(self, server_round, stats, prepared)
-        messages, self._sent = [], {}
-        for client_id, sent, state, instruction in prepared:
-            content, node_id = wire.train_content(state, instruction), self.nodes.node_of[client_id]
-            messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
-            self._sent[client_id] = sent
-            stats.bytes_down += wire.nbytes(state)
-        stats.sampled += len(self._sent)
+        self._sent = {client_id: sent for client_id, sent, _, _ in prepared}
+        messages = train_messages(prepared, self.nodes.node_of, stats)
         stats.ranks = {str(c): sent.rank for c, sent in self._sent.items()}
         ranks, injected = sorted(stats.ranks.values()), f"; faults {faults}" if faults else ""
         log(INFO, f"configure_train: round {server_round} sends {len(self._sent)} clients their "
@@ -285,27 +287,18 @@ class LoRAStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check and convert the replies, then the method's rule on the valid ones."""
         stats = self.stats.setdefault(server_round, RoundStats())
-        updates = [u for u in (self._accepted(reply, stats) for reply in replies) if u]
+        updates = [u for u in (valid_update(self, reply, stats) for reply in replies) if u]
         updates.sort(key=lambda u: u.client_id)  # replies arrive in any order; sums must not
         stats.replied += len(updates)
         stats.failed = stats.sampled - stats.replied
-        if len(updates) < self.settings.min_train_replies:
-            log(
-                WARNING,
-                f"aggregate_train: round {server_round} got {len(updates)} valid replies, "
-                f"min-train-replies is {self.settings.min_train_replies}",
-            )
+        if not enough_replies(server_round, len(updates), self.settings.min_train_replies):
             return None, None
         for update in updates:
             self.accept(update)
         new_state = self.aggregate(server_round, updates, self._global_state)
-        weights = la.normalize_weights([u.num_examples for u in updates])
-        stats.train_loss = float(
-            sum(w * u.metrics[wire.TRAIN_LOSS] for w, u in zip(weights, updates, strict=True))
-        )
-        examples = sum(u.num_examples for u in updates)
-        metrics = {wire.TRAIN_LOSS: stats.train_loss, wire.NUM_EXAMPLES: examples}
-        return wire.to_record(new_state), MetricRecord(metrics)
+        metrics = train_metrics(updates)
+        stats.train_loss = metrics[wire.TRAIN_LOSS]
+        return wire.to_record(new_state), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -316,23 +309,6 @@ class LoRAStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return None
-
-    # ------------------------------------------------------------------ the round's steps
-    def _register(self, grid: Grid) -> list[int]:
-        """The sorted client ids of the connected nodes whose budget is known."""
-        min_nodes, timeout = self.settings.min_available_nodes, self.settings.round_timeout
-        needs = required_memory_gb(self.profiles, self.clock) if self.clock else None
-        return self.nodes.register(grid, self.profiles, min_nodes, timeout, needs)
-
-    def _accepted(self, reply: Message, stats: RoundStats) -> ClientUpdate | None:
-        """A valid reply as an update at the global scaling (:func:`accepted_update`)."""
-        client_id = self.nodes.client_of.get(reply.metadata.src_node_id)
-        sent = self._sent.get(client_id)
-        allowed = self.rank_policy.allowed_reply_ranks(client_id, sent.rank) if sent else set()
-        update = accepted_update(reply, client_id, sent, allowed, self.settings, stats)
-        if update is not None:
-            del self._sent[client_id]  # a second reply from the same client is not counted twice
-        return update
 
 
 def prepare(
@@ -362,6 +338,43 @@ def prepare(
     if layers is not None:
         expected = adapter_state.restrict_to_layers(expected, layers)
     return SentAdapter(rank, expected, spec.scaling, source_scaling), state, instruction
+
+
+def valid_update(strategy: LoRAStrategy, reply: Message, stats: RoundStats) -> ClientUpdate | None:
+    """A valid reply as an update at the global scaling (:func:`accepted_update`); its client
+    is then struck off the round's list, so a second reply is not counted twice."""
+    client_id = strategy.nodes.client_of.get(reply.metadata.src_node_id)
+    sent = strategy._sent.get(client_id)
+    allowed = strategy.rank_policy.allowed_reply_ranks(client_id, sent.rank) if sent else set()
+    update = accepted_update(reply, client_id, sent, allowed, strategy.settings, stats)
+    if update is not None:
+        del strategy._sent[client_id]
+    return update
+
+
+def register_clients(strategy: LoRAStrategy, grid: Grid) -> list[int]:
+    """The sorted client ids of the connected nodes whose budget is known (asked once)."""
+    settings, clock = strategy.settings, strategy.clock
+    needs = required_memory_gb(strategy.profiles, clock) if clock else None
+    return strategy.nodes.register(
+        grid, strategy.profiles, settings.min_available_nodes, settings.round_timeout, needs
+    )
+
+
+def train_messages(
+    prepared: list[tuple], node_of: dict[int, int], stats: RoundStats
+) -> list[Message]:
+    """One TRAIN message per prepared client (its arrays and instruction); counts the clients
+    sent to and the bytes."""
+    messages = []
+    for client_id, _, state, instruction in prepared:
+        content = wire.train_content(state, instruction)
+        messages.append(
+            Message(content, dst_node_id=node_of[client_id], message_type=MessageType.TRAIN)
+        )
+        stats.bytes_down += wire.nbytes(state)
+    stats.sampled += len(messages)
+    return messages
 
 
 def on_the_clock(

@@ -15,12 +15,13 @@ from functools import cached_property
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, MetricRecord
 from flwr.common.logger import log
 
 from hetfed import adapter_state, wire
 from hetfed.adapter_state import LORA_A, LORA_B, LoraPairs, State
 from hetfed.config import RunSettings
+from hetfed.lora_algebra import normalize_weights
 from hetfed.results import RoundStats
 from hetfed.scaling import rescale_state
 
@@ -203,3 +204,20 @@ def contributor_groups(
         for contributors, modules in groups.items()
         if contributors
     ]
+
+
+def enough_replies(server_round: int, valid: int, min_train_replies: int) -> bool:
+    """Whether a round got ``min-train-replies`` valid replies (logged when it did not)."""
+    if valid < min_train_replies:
+        log(WARNING, f"aggregate_train: round {server_round} got {valid} valid replies, "
+            f"min-train-replies is {min_train_replies}")  # fmt: skip
+    return valid >= min_train_replies
+
+
+def train_metrics(updates: list[ClientUpdate]) -> MetricRecord:
+    """The round's training metrics: the train loss averaged with p_k = n_k / sum(n), and the
+    examples trained on."""
+    weights = normalize_weights([u.num_examples for u in updates])
+    loss = sum(w * u.metrics[wire.TRAIN_LOSS] for w, u in zip(weights, updates, strict=True))
+    examples = sum(u.num_examples for u in updates)
+    return MetricRecord({wire.TRAIN_LOSS: float(loss), wire.NUM_EXAMPLES: examples})

@@ -32,7 +32,5 @@ class ZeroPad(LoRAStrategy):
     def aggregate_lora(
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
     ) -> LoraPairs:
-        weights = self.policy_weights(updates)  # p_k
-        return padded_weighted_sum(
-            [u.lora for u in updates], global_lora, self.global_rank(), weights
-        )
+        factors, weights = [u.lora for u in updates], self.policy_weights(updates)  # p_k
+        return padded_weighted_sum(factors, global_lora, self.global_rank(), weights)

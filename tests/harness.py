@@ -75,9 +75,16 @@ def make(strategy_cls, options, rescale=True, scaling="standard"):
     return strategy_cls(settings, PROFILES, options)
 
 
-def train_round(strategy, state, reply_fn, server_round=1):
-    """configure_train -> replies made by ``reply_fn(node, rank, sent_arrays)`` -> aggregate."""
-    grid = InProcessGrid(profiles=strategy.profiles)
+def sent_layers(msg) -> list[int] | None:
+    """The transformer blocks a train message tells its client to train (None: all)."""
+    config = msg.content[wire.CONFIG]
+    return list(config[wire.LAYERS]) if wire.LAYERS in config else None
+
+
+def train_round(strategy, state, reply_fn, server_round=1, grid=None, with_layers=False):
+    """configure_train -> replies made by ``reply_fn(node, rank, sent_arrays)`` (and the sent
+    layers when ``with_layers``) -> aggregate; on ``grid`` or the strategy's in-process one."""
+    grid = grid or InProcessGrid(profiles=strategy.profiles)
     messages = list(
         strategy.configure_train(server_round, wire.to_record(state), ConfigRecord(), grid)
     )
@@ -85,7 +92,8 @@ def train_round(strategy, state, reply_fn, server_round=1):
     for msg in messages:
         node = msg.metadata.dst_node_id
         rank = int(msg.content[wire.CONFIG][wire.RANK])
-        content = reply_fn(node, rank, wire.from_record(msg.content[wire.ARRAYS]))
+        sent = (node, rank, wire.from_record(msg.content[wire.ARRAYS]))
+        content = reply_fn(*sent, sent_layers(msg)) if with_layers else reply_fn(*sent)
         replies.append(_reply(msg, content))
     arrays, _ = strategy.aggregate_train(server_round, replies)
     return messages, (wire.from_record(arrays) if arrays is not None else None)
@@ -107,3 +115,41 @@ def trained(rng, n_examples=None, rank_override=None, mutate=None):
         return RecordDict({wire.ARRAYS: wire.to_record(new), wire.METRICS: metrics})
 
     return reply, sent
+
+
+def topic_server(model_config, settings, texts, public_examples, test_examples):
+    """A ServerModel of a fresh classifier (seed 0) over the conftest topics, with a public and a
+    test split of ``texts(rng, n)`` drawn in that order from one generator seeded 0."""
+    from hetfed.adapters import AdapterHost
+    from hetfed.models import build_classifier
+    from hetfed.server_model import ServerModel
+    from hetfed.training import encode
+    from tests.conftest import TOPICS
+
+    model, tokenizer = build_classifier(model_config, len(TOPICS), seed=0)
+    rng = np.random.default_rng(0)
+    public = encode(*texts(rng, public_examples), tokenizer, model_config.max_length)
+    test = encode(*texts(rng, test_examples), tokenizer, model_config.max_length)
+    return ServerModel(settings, AdapterHost(model), test, public)
+
+
+def sparsity_weighted_padding(pairs, modules, r_max=8):
+    """HetLoRA's rule written out, the oracle of the tests: w_k = S_k / sum(S) with
+    S_k = sqrt(sum_m ||B_k A_k||_F^2) over ``modules``; per module (sum_k w_k pad(B_k),
+    sum_k w_k pad(A_k)), the factors zero-padded to ``r_max``."""
+    s = np.array(
+        [np.sqrt(sum(np.linalg.norm(p[m][0] @ p[m][1]) ** 2 for m in modules)) for p in pairs]
+    )
+    w = s / s.sum()
+    expected = {}
+    for m in modules:
+        b = sum(
+            wk * np.pad(p[m][0], ((0, 0), (0, r_max - p[m][0].shape[1])))
+            for wk, p in zip(w, pairs, strict=True)
+        )
+        a = sum(
+            wk * np.pad(p[m][1], ((0, r_max - p[m][1].shape[0]), (0, 0)))
+            for wk, p in zip(w, pairs, strict=True)
+        )
+        expected[m] = (b, a)
+    return expected

@@ -1,6 +1,6 @@
 """The house rules of docs/architecture.md, checked on the source: no import cycle among the
 project's modules, method files that import no sibling method file, a core that does not import
-the apps or the tooling, and a strategy base of about 250 lines."""
+the apps or the tooling, and a strategy base of at most 250 lines."""
 
 from __future__ import annotations
 
@@ -80,5 +80,5 @@ def test_the_strategy_base_class_is_small():
     tree = ast.parse((REPO / "strategies" / "base.py").read_text(encoding="utf-8"))
     (base,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LoRAStrategy"]
     assert (
-        base.end_lineno - base.lineno + 1 <= 280
+        base.end_lineno - base.lineno + 1 <= 250
     )  # hooks and round loop; plumbing is free functions

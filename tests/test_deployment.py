@@ -92,6 +92,18 @@ def check_completed(output: str, env: dict[str, str]) -> None:
     assert RANKS_LINE in output, output[-6000:]  # each tier is sent its own rank
 
 
+def start_streamed_run(scenario: Path, folder: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``flwr run <scenario> lab --stream`` in the background, its output in flwr-run.log."""
+    with (folder / "flwr-run.log").open("w") as out:
+        return subprocess.Popen(
+            [BIN / "flwr", "run", scenario, "lab", "--stream"],
+            cwd=folder,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def check_budgets(results: Path) -> dict:
     summary = json.loads((results / "summary.json").read_text())
     assert sorted(summary["node_budgets"].values()) == ["large", "medium", "small"]
@@ -118,14 +130,7 @@ def test_insecure_deployment_tiers_train_and_a_lost_node_does_not_stop_the_run(
     scenario = deployment_scenario(tmp_path, topics_corpus, **{"round-timeout": 300})
     deployment.wait_for_nodes(3)  # all three are sampled in round 1
 
-    with (tmp_path / "flwr-run.log").open("w") as out:
-        run = subprocess.Popen(
-            [BIN / "flwr", "run", scenario, "lab", "--stream"],
-            cwd=tmp_path,
-            env=deployment.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    run = start_streamed_run(scenario, tmp_path, deployment.env)
     try:
         deployment.wait_for(
             lambda: deployment.log("large").count(TRAIN_RECEIVED) == 2 or run.poll() is not None,
@@ -287,14 +292,7 @@ def test_a_run_resumes_after_a_superlink_restart(deployment, tmp_path, topics_co
     check_completed(proc.stdout, deployment.env)
 
     results = tmp_path / "results"
-    with (tmp_path / "flwr-run.log").open("w") as out:
-        run = subprocess.Popen(
-            [BIN / "flwr", "run", scenario, "lab", "--stream"],
-            cwd=tmp_path,
-            env=deployment.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    run = start_streamed_run(scenario, tmp_path, deployment.env)
     try:
         deployment.wait_for(
             lambda: load_checkpoint(results) is not None or run.poll() is not None,

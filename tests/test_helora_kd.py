@@ -5,16 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord
 
 from hetfed import adapter_state, wire
-from hetfed.adapters import AdapterHost
 from hetfed.config import RunSettings
 from hetfed.data import DataConfig
 from hetfed.errors import ConfigError
-from hetfed.models import ModelConfig, build_classifier
+from hetfed.models import ModelConfig
 from hetfed.server_model import ServerModel
-from hetfed.training import encode
 from strategies.helora_kd import (
     HeLoRAKD,
     HeLoRAKDOptions,
@@ -22,8 +19,9 @@ from strategies.helora_kd import (
     join_groups,
     split_groups,
 )
+from tests import harness
 from tests.conftest import COMMON, TOPICS
-from tests.harness import PROFILES, InProcessGrid, _reply, global_state, trained
+from tests.harness import PROFILES, InProcessGrid, global_state, topic_server, trained
 
 
 def state_rank(state):
@@ -63,28 +61,12 @@ def topic_texts(rng: np.random.Generator, n: int) -> tuple[list[str], list[int]]
 
 @pytest.fixture(scope="module")
 def server() -> ServerModel:
-    model, tokenizer = build_classifier(MODEL, len(TOPICS), seed=0)
-    rng = np.random.default_rng(0)
-    public = encode(*topic_texts(rng, 32), tokenizer, MODEL.max_length)
-    test = encode(*topic_texts(rng, 16), tokenizer, MODEL.max_length)
-    return ServerModel(settings(), AdapterHost(model), test, public)
+    return topic_server(MODEL, settings(), topic_texts, 32, 16)
 
 
 def train_round(strategy, state, reply_fn, tiers=("s", "m", "l"), server_round=1):
     """tests.harness.train_round over a grid with the given node tiers."""
-    grid = InProcessGrid(tiers)
-    messages = list(
-        strategy.configure_train(server_round, wire.to_record(state), ConfigRecord(), grid)
-    )
-    replies = []
-    for msg in messages:
-        rank = int(msg.content[wire.CONFIG][wire.RANK])
-        content = reply_fn(
-            msg.metadata.dst_node_id, rank, wire.from_record(msg.content[wire.ARRAYS])
-        )
-        replies.append(_reply(msg, content))
-    arrays, _ = strategy.aggregate_train(server_round, replies)
-    return messages, wire.from_record(arrays)
+    return harness.train_round(strategy, state, reply_fn, server_round, InProcessGrid(tiers))
 
 
 def public_kl(server: ServerModel, strategy: HeLoRAKD, state) -> float:

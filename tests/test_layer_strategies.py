@@ -10,20 +10,26 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from hetfed import adapter_state, wire
-from hetfed.adapters import AdapterHost
 from hetfed.config import LoraSettings, RunSettings, parse_run_config
 from hetfed.data import DataConfig
 from hetfed.errors import ConfigError
 from hetfed.layer_allocation import fisher_probabilities, pattern_probabilities
-from hetfed.models import ModelConfig, build_classifier
+from hetfed.models import ModelConfig
 from hetfed.profiles import parse_profiles
 from hetfed.server_model import ServerModel
-from hetfed.training import encode
 from strategies.fim_hla import FIMHLA, FIMHLAOptions
 from strategies.gd_hla import GDHLA, GDHLAOptions
 from strategies.rgd_hla import RGDHLA, RGDHLAOptions
+from tests import harness
 from tests.conftest import COMMON, TOPICS
-from tests.harness import MODULES, InProcessGrid, _reply, global_state
+from tests.harness import (
+    MODULES,
+    InProcessGrid,
+    global_state,
+    sent_layers,
+    sparsity_weighted_padding,
+    topic_server,
+)
 
 
 def profiles(tiers: dict[str, tuple[int, int | None]]):
@@ -42,24 +48,9 @@ def make(cls, options, tiers, grid_tiers, num_layers, **settings):
     return strategy, InProcessGrid(grid_tiers, prof)
 
 
-def sent_layers(msg) -> list[int] | None:
-    config = msg.content[wire.CONFIG]
-    return list(config[wire.LAYERS]) if wire.LAYERS in config else None
-
-
 def train_round(strategy, grid, state, reply_fn, server_round=1):
     """configure_train -> ``reply_fn(node, rank, arrays, layers)`` -> aggregate_train."""
-    messages = list(
-        strategy.configure_train(server_round, wire.to_record(state), ConfigRecord(), grid)
-    )
-    replies = []
-    for msg in messages:
-        node = msg.metadata.dst_node_id
-        rank = int(msg.content[wire.CONFIG][wire.RANK])
-        arrays = wire.from_record(msg.content[wire.ARRAYS])
-        replies.append(_reply(msg, reply_fn(node, rank, arrays, sent_layers(msg))))
-    arrays, _ = strategy.aggregate_train(server_round, replies)
-    return messages, (wire.from_record(arrays) if arrays is not None else None)
+    return harness.train_round(strategy, state, reply_fn, server_round, grid, with_layers=True)
 
 
 def trained(rng, n_examples=None, rank_override=None, extra_layers=False):
@@ -263,19 +254,7 @@ def test_hetlora_ranks_truncate_per_tier_and_aggregate_per_layer_by_sparsity():
         modules = [m for m in MODULES if adapter_state.layer_of(m) == layer]
         clients = [k for k in sorted(sent) if layer in layers[k]]
         pairs = [adapter_state.split_state(sent[k])[0] for k in clients]
-        s = np.array(
-            [np.sqrt(sum(np.linalg.norm(p[m][0] @ p[m][1]) ** 2 for m in modules)) for p in pairs]
-        )
-        w = s / s.sum()
-        for m in modules:
-            expect_b = sum(
-                wk * np.pad(p[m][0], ((0, 0), (0, 8 - p[m][0].shape[1])))
-                for wk, p in zip(w, pairs, strict=True)
-            )
-            expect_a = sum(
-                wk * np.pad(p[m][1], ((0, 8 - p[m][1].shape[0]), (0, 0)))
-                for wk, p in zip(w, pairs, strict=True)
-            )
+        for m, (expect_b, expect_a) in sparsity_weighted_padding(pairs, modules).items():
             np.testing.assert_allclose(new[lora_key(m, "B")], expect_b, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(new[lora_key(m, "A")], expect_a, rtol=1e-5, atol=1e-6)
     # round 2: node 1002 gets its pruned rank
@@ -325,12 +304,8 @@ def topic_texts(rng, n):
 
 @pytest.fixture(scope="module")
 def server() -> ServerModel:
-    model, tokenizer = build_classifier(MODEL, len(TOPICS), seed=0)
-    rng = np.random.default_rng(0)
-    public = encode(*topic_texts(rng, EXAMPLES + 4), tokenizer, MODEL.max_length)
-    test = encode(*topic_texts(rng, 8), tokenizer, MODEL.max_length)
     settings = RunSettings(model=MODEL, data=DataConfig(server_examples=EXAMPLES + 4))
-    return ServerModel(settings, AdapterHost(model), test, public)
+    return topic_server(MODEL, settings, topic_texts, EXAMPLES + 4, 8)
 
 
 def reference_scores(server, spec, state):

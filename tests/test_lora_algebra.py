@@ -21,6 +21,13 @@ def _pair(rng: np.random.Generator, d_out: int, r: int, d_in: int, dtype=np.floa
     return b, a
 
 
+def _pair_and_padding(shape, filler):
+    """A random pair of a hypothesis ``pair_shapes`` draw and its padding to r + extra."""
+    d_out, r, d_in, extra, seed = shape
+    b, a = _pair(np.random.default_rng(seed), d_out, r, d_in)
+    return shape, (b, a), la.pad(b, a, r + extra, filler)
+
+
 def _clients(rng: np.random.Generator, d_out: int, d_in: int, ranks, dtype=np.float64):
     bs, as_ = [], []
     for r in ranks:
@@ -82,9 +89,7 @@ def test_normalize_weights_rejects_bad_weights(weights):
 @FAST
 @given(pair_shapes, st.sampled_from(la.FILLERS))
 def test_truncate_of_pad_is_identity(shape, filler):
-    d_out, r, d_in, extra, seed = shape
-    b, a = _pair(np.random.default_rng(seed), d_out, r, d_in)
-    pb, pa = la.pad(b, a, r + extra, filler)
+    (d_out, r, d_in, extra, _), (b, a), (pb, pa) = _pair_and_padding(shape, filler)
     assert pb.shape == (d_out, r + extra) and pa.shape == (r + extra, d_in)
     tb, ta = la.truncate(pb, pa, r)
     np.testing.assert_array_equal(tb, b)
@@ -117,13 +122,17 @@ def test_truncate_returns_copies_and_keeps_dtype():
 
 
 def _explicit_pad(b: np.ndarray, a: np.ndarray, rank: int, filler: str):
-    """The fillers' definitions, written element by element."""
+    """The fillers' definitions, written element by element. A's new rows are defined as B's new
+    columns are, on A's transpose: 'mean' the mean of all of A, 'linear' the column-wise mean of
+    A's rows, 'adjacent' A's last row."""
+    return _explicit_columns(b, rank, filler), _explicit_columns(a.T, rank, filler).T
+
+
+def _explicit_columns(b: np.ndarray, rank: int, filler: str) -> np.ndarray:
+    """B (d_out x r) with columns r..rank-1 filled, element by element."""
     d_out, r = b.shape
-    d_in = a.shape[1]
     pb = np.zeros((d_out, rank))
-    pa = np.zeros((rank, d_in))
     pb[:, :r] = b
-    pa[:r, :] = a
     for j in range(r, rank):
         for i in range(d_out):
             if filler == "mean":
@@ -132,22 +141,13 @@ def _explicit_pad(b: np.ndarray, a: np.ndarray, rank: int, filler: str):
                 pb[i, j] = sum(b[i, q] for q in range(r)) / r
             elif filler == "adjacent":  # B's last column
                 pb[i, j] = b[i, r - 1]
-        for i in range(d_in):
-            if filler == "mean":
-                pa[j, i] = sum(a[p, q] for p in range(r) for q in range(d_in)) / (r * d_in)
-            elif filler == "linear":  # column-wise mean of A's rows
-                pa[j, i] = sum(a[q, i] for q in range(r)) / r
-            elif filler == "adjacent":  # A's last row
-                pa[j, i] = a[r - 1, i]
-    return pb, pa
+    return pb
 
 
 @FAST
 @given(pair_shapes, st.sampled_from(la.FILLERS))
 def test_each_filler_matches_its_definition(shape, filler):
-    d_out, r, d_in, extra, seed = shape
-    b, a = _pair(np.random.default_rng(seed), d_out, r, d_in)
-    pb, pa = la.pad(b, a, r + extra, filler)
+    (d_out, r, d_in, extra, _), (b, a), (pb, pa) = _pair_and_padding(shape, filler)
     eb, ea = _explicit_pad(b, a, r + extra, filler)
     np.testing.assert_allclose(pb, eb, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(pa, ea, rtol=1e-12, atol=1e-12)

@@ -117,17 +117,19 @@ def test_zeropad_sends_truncations_and_averages_zero_padded_factors_with_p_k():
 # --------------------------------------------------------------------------------------- rbla
 
 
+def uniform_round(strategy, seed):
+    """One round of ``strategy`` at rank 4 from the global state and the replies drawn from
+    ``seed`` (the same for every strategy given the same seed); the new global state."""
+    rng = np.random.default_rng(seed)  # the same global state and replies for each strategy
+    state = global_state(rng, rank=4)
+    reply, _ = trained(rng, n_examples=N_EXAMPLES)
+    messages, new = train_round(strategy, state, reply)
+    assert {int(m.content[wire.CONFIG][wire.RANK]) for m in messages} == {4}
+    return new
+
+
 def test_rbla_equals_zero_padding_when_every_rank_is_the_same():
-    results = []
-    for cls in (RBLA, ZeroPad):
-        rng = np.random.default_rng(11)  # the same global state and replies for both
-        state = global_state(rng, rank=4)
-        strategy = uniform_rank(make(cls, None))
-        reply, _ = trained(rng, n_examples=N_EXAMPLES)
-        messages, new = train_round(strategy, state, reply)
-        assert {int(m.content[wire.CONFIG][wire.RANK]) for m in messages} == {4}
-        results.append(new)
-    rbla, zeropad = results
+    rbla, zeropad = (uniform_round(uniform_rank(make(cls, None)), 11) for cls in (RBLA, ZeroPad))
     assert rbla.keys() == zeropad.keys()
     for key in rbla:
         np.testing.assert_allclose(rbla[key], zeropad[key], rtol=1e-6, atol=1e-7)
@@ -169,18 +171,13 @@ def test_rbla_keeps_global_values_of_indices_no_reply_holds():
 
 
 def test_helora_pad_zero_filler_with_uniform_ranks_equals_fedit():
-    results = []
-    for strategy in (
-        uniform_rank(make(HeLoRAPad, HeLoRAPadOptions(filler="zero"))),
-        make(FedIT, FedITOptions(rank=4)),
-    ):
-        rng = np.random.default_rng(14)
-        state = global_state(rng, rank=4)
-        reply, _ = trained(rng, n_examples=N_EXAMPLES)
-        messages, new = train_round(strategy, state, reply)
-        assert {int(m.content[wire.CONFIG][wire.RANK]) for m in messages} == {4}
-        results.append(new)
-    helora, fedit = results
+    helora, fedit = (
+        uniform_round(strategy, 14)
+        for strategy in (
+            uniform_rank(make(HeLoRAPad, HeLoRAPadOptions(filler="zero"))),
+            make(FedIT, FedITOptions(rank=4)),
+        )
+    )
     assert helora.keys() == fedit.keys()
     for key in helora:
         np.testing.assert_allclose(helora[key], fedit[key], rtol=1e-6, atol=1e-6)

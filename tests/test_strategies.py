@@ -10,7 +10,15 @@ from hetfed import lora_algebra as la
 from hetfed.rank_pruning import pruned_rank
 from strategies.fedit import FedIT, FedITOptions
 from strategies.hetlora import HetLoRA, HetLoRAOptions
-from tests.harness import D_OUT, MODULES, global_state, make, train_round, trained
+from tests.harness import (
+    D_OUT,
+    MODULES,
+    global_state,
+    make,
+    sparsity_weighted_padding,
+    train_round,
+    trained,
+)
 
 
 def test_hetlora_sends_truncations_of_each_budget():
@@ -37,15 +45,7 @@ def test_hetlora_aggregate_is_sparsity_weighted_sum_of_zero_padded_factors():
     _, new = train_round(strategy, state, reply)
     nodes = sorted(sent)
     pairs = [adapter_state.split_state(sent[n])[0] for n in nodes]
-    s = np.array(
-        [np.sqrt(sum(np.linalg.norm(p[m][0] @ p[m][1]) ** 2 for m in MODULES)) for p in pairs]
-    )
-    w = s / s.sum()
-    for m in MODULES:
-        expect_a = sum(
-            wk * np.pad(p[m][1], ((0, 8 - p[m][1].shape[0]), (0, 0)))
-            for wk, p in zip(w, pairs, strict=False)
-        )
+    for m, (_, expect_a) in sparsity_weighted_padding(pairs, MODULES).items():
         np.testing.assert_allclose(new[f"{m}.lora_A.weight"], expect_a, rtol=1e-5, atol=1e-6)
     # the head is averaged with the data weights, not the sparsity weights
     p = np.array([5, 50, 500]) / 555

@@ -21,7 +21,7 @@ from hetfed.config import parse_run_config
 from hetfed.errors import ConfigError
 from hetfed.profiles import DeviceProfiles, parse_profiles
 from hetfed.registry import load_strategy, strategy_names
-from strategies.base import LoRAStrategy
+from strategies.base import LoRAStrategy, register_clients
 from strategies.layer_base import LayerStrategy
 from strategies.replies import ClientUpdate
 from tooling.bench.common import SimulatedNodes, act_as_flower_task
@@ -263,7 +263,7 @@ def strategy_row(
 ) -> dict[str, Any]:
     """One strategy's row of :func:`server_aggregation`."""
     strategy = rank_strategy(name, modules, profiles)
-    clients = strategy._register(SimulatedNodes(num_clients, {}, seed))
+    clients = register_clients(strategy, SimulatedNodes(num_clients, {}, seed))
     global_state = strategy.initial_state()
     updates = random_updates(strategy, global_state, clients, seed)
     for update in updates:  # split once, outside every timing

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hetfed.run_plan import plan_run
+from strategies.base import register_clients
 from tooling import scenarios
 from tooling.bench.common import SimulatedNodes, act_as_flower_task
 
@@ -19,7 +20,7 @@ def strategy_bytes_after_registration(scenario: str | Path, num_clients: int) ->
     """Bytes a fresh strategy of the scenario holds once ``num_clients`` clients registered, and
     the seconds registration took.
 
-    The strategy learns every budget through :meth:`LoRAStrategy._register` over
+    The strategy learns every budget through :func:`strategies.base.register_clients` over
     :class:`SimulatedNodes`, under tracemalloc; the bytes it holds are those freed when it is
     deleted (everything only it references: budgets, node and client id maps, counters).
     """
@@ -32,7 +33,7 @@ def strategy_bytes_after_registration(scenario: str | Path, num_clients: int) ->
     try:
         strategy = plan.build_strategy()
         started = time.perf_counter()
-        strategy._register(nodes)
+        register_clients(strategy, nodes)
         seconds = time.perf_counter() - started
         gc.collect()
         held = tracemalloc.get_traced_memory()[0]
