@@ -176,13 +176,14 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# The quality figures of the generation task (in place of accuracy in the comparison table).
+GENERATION_QUALITY = ("final_rouge_l", "final_perplexity")
 # The figures of a finished run: per seed in comparison.csv, summarised over seeds in summary.csv.
 SUMMARISED = (
     "final_accuracy",
     "best_accuracy",
     "final_loss",
-    "final_rouge_l",
-    "final_perplexity",
+    *GENERATION_QUALITY,
     "rounds_to_target",
     "simulated_to_target",
     "mb_down",
@@ -192,13 +193,12 @@ SUMMARISED = (
     "seconds",
 )
 COLUMNS = ("run", "strategy", "seed", "status", *SUMMARISED)
-PAIRED = (
-    "final_accuracy",
-    "best_accuracy",
-    "final_loss",
-    "final_rouge_l",
-    "final_perplexity",
-)  # compared with the baseline by seed
+PAIRED = ("final_accuracy", "best_accuracy", "final_loss", *GENERATION_QUALITY)  # by seed
+
+
+def is_generation(rows: list[dict[str, Any]]) -> bool:
+    """Whether the sweep's runs are of the generation task (they report ROUGE-L)."""
+    return any(r.get("final_rouge_l") is not None for r in rows)
 
 
 def seed_values(rows: list[dict[str, Any]], run: str, metric: str) -> dict[int, float]:
@@ -263,7 +263,7 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
     (out / "comparison.md").write_text(comparison_markdown(rows, summaries, sweep), "utf-8")
     for metric, label in (("accuracy", "central test accuracy"), ("loss", "central test loss")):
         plot_curves(rows, sweep, metric, label, out / f"{metric}.png")
-    if any(r.get("final_rouge_l") is not None for r in rows):  # the generation task
+    if is_generation(rows):
         plot_curves(rows, sweep, "rouge_l", "ROUGE-L F1 of greedy generations", out / "rouge_l.png")
     if any(r.get("simulated_seconds") for r in rows):  # the device clock ran: against its time
         label = "central test accuracy"
@@ -280,11 +280,10 @@ def comparison_markdown(
     """The per-run table over seeds (mean ± 95% interval half-width) and the per-seed table."""
     lines = []
     if len(sweep.seeds) > 1:
-        generation = any(r.get("final_rouge_l") is not None for r in rows)
-        quality = ["final_rouge_l", "final_perplexity"] if generation else []
+        quality = list(GENERATION_QUALITY) if is_generation(rows) else []
         columns = ["final_accuracy", "best_accuracy", "final_loss", *quality]
         if sweep.baseline is not None:
-            compared = ["final_rouge_l", "final_perplexity"] if generation else ["final_accuracy"]
+            compared = quality or ["final_accuracy"]
             columns += [f"{m}_vs_baseline" for m in (*compared, "final_loss")]
         columns += ["rounds_to_target", "mb_down", "mb_up", "seconds"]
         if any(r.get("simulated_seconds") for r in rows):  # the device clock ran
