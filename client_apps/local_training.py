@@ -83,10 +83,9 @@ def _in_layers(state: dict, layers: tuple[int, ...] | None) -> dict:
     return state if layers is None else adapter_state.restrict_to_layers(state, layers)
 
 
-def received_spec(msg: Message, settings: RunSettings) -> LoraSpec:
-    """The adapter a train message asks for: its rank, alpha and scaling rule on the run's LoRA
-    modules. A scaling the message states but this spec would not give is refused."""
-    instruction = wire.TrainInstruction.from_record(msg.content[wire.CONFIG])
+def received_spec(instruction: wire.TrainInstruction, settings: RunSettings) -> LoraSpec:
+    """The adapter a train instruction asks for: its rank, alpha and scaling rule on the run's
+    LoRA modules. A scaling the instruction states but this spec would not give is refused."""
     rank, alpha = instruction.rank, instruction.lora_alpha
     if not (rank >= 1 and math.isfinite(alpha) and alpha > 0):
         raise ValueError(
@@ -103,10 +102,9 @@ def received_spec(msg: Message, settings: RunSettings) -> LoraSpec:
     return spec
 
 
-def local_seed(msg: Message, context: Context) -> int:
+def local_seed(instruction: wire.TrainInstruction, context: Context) -> int:
     """The seed of a client's local steps (:func:`hetfed.seeds.local_seed`)."""
-    round_seed = wire.TrainInstruction.from_record(msg.content[wire.CONFIG]).seed
-    return seeds.local_seed(round_seed, client_id(context))
+    return seeds.local_seed(instruction.seed, client_id(context))
 
 
 def train_locally(msg: Message, context: Context) -> Message:
@@ -121,7 +119,7 @@ def train_locally(msg: Message, context: Context) -> Message:
             raise ValueError(f"sent rank {rank} exceeds this node's budget {affordable}")
     received = wire.from_record(msg.content[wire.ARRAYS])
     arrays = adapter_state.trainable(received)
-    spec = received_spec(msg, settings)
+    spec = received_spec(instruction, settings)
     data = local_data(settings, context.node_config)
     worker = _worker(settings)
     with worker.host.lock:
@@ -145,7 +143,9 @@ def train_locally(msg: Message, context: Context) -> Message:
         ):
             steps = instruction.local_steps or settings.train.local_steps  # fewer: a deadline
             work = replace(settings.train, local_steps=steps)
-            result = train_steps(model, data, work, penalty=penalty, seed=local_seed(msg, context))
+            result = train_steps(
+                model, data, work, penalty=penalty, seed=local_seed(instruction, context)
+            )
         state = _in_layers(worker.host.get_state(spec), layers)  # only what was trained
     if pruning is not None and tail_score(state, keep) < score_before:
         rank = pruned_rank(rank, pruning.gamma, pruning.min_rank)

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client_apps.local_training import received_spec
 from hetfed import wire
@@ -178,7 +178,7 @@ def test_scaling_options_are_checked():
         make(FLoRA, None, scaling="rslora")
 
 
-def _train_message(rank, alpha, rslora, scaling):
+def _train_instruction(rank, alpha, rslora, scaling):
     config = {
         wire.SERVER_ROUND: 1,
         wire.SEED: 0,
@@ -187,18 +187,17 @@ def _train_message(rank, alpha, rslora, scaling):
         wire.LORA_RSLORA: rslora,
         wire.LORA_SCALING: scaling,
     }
-    content = RecordDict({wire.CONFIG: ConfigRecord(config)})
-    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+    return wire.TrainInstruction.from_record(ConfigRecord(config))
 
 
 def test_the_client_builds_the_scaling_it_is_told_and_refuses_another():
     settings = RunSettings()
-    spec = received_spec(_train_message(4, 16.0, True, 8.0), settings)
+    spec = received_spec(_train_instruction(4, 16.0, True, 8.0), settings)
     assert (spec.rank, spec.alpha, spec.rslora, spec.scaling) == (4, 16.0, True, 8.0)
     with pytest.raises(ValueError, match="scaling 4.0"):
-        received_spec(_train_message(4, 16.0, True, 4.0), settings)  # alpha / r, not / sqrt(r)
+        received_spec(_train_instruction(4, 16.0, True, 4.0), settings)  # alpha / r, not / sqrt(r)
     with pytest.raises(ValueError, match="cannot build"):
-        received_spec(_train_message(4, -1.0, False, -0.25), settings)
+        received_spec(_train_instruction(4, -1.0, False, -0.25), settings)
 
 
 @pytest.mark.parametrize("rslora", [False, True])

@@ -56,14 +56,14 @@ def naive_train(msg: Message, context: Context) -> Message:
     settings, _ = parse_run_config(context.run_config, strict=False)
     num_labels = len(load_splits(settings.data).label_names)
     model, _ = build_classifier(settings.model, num_labels, seed=settings.seed)
-    spec = received_spec(msg, settings)
+    spec = received_spec(instruction, settings)
     host = AdapterHost(model)
     data = partition_of(settings, context)
     result = train_steps(
         host.set_state(spec, adapter_state.trainable(received)),
         data,
         settings.train,
-        seed=local_seed(msg, context),
+        seed=local_seed(instruction, context),
     )
     metrics = wire.TrainReply(len(data), result.loss, spec.rank).to_record()
     return Message(

@@ -39,9 +39,10 @@ def plain_training_seconds(
     seconds: dict[int, list[float]] = {}
     for server_round, msg, context in workload.calls:
         received = adapter_state.trainable(wire.from_record(msg.content[wire.ARRAYS]))
-        model = workload.host.set_state(received_spec(msg, settings), received)
+        instruction = wire.TrainInstruction.from_record(msg.content[wire.CONFIG])
+        model = workload.host.set_state(received_spec(instruction, settings), received)
         data = partition_of(settings, context)
-        result = train_steps(model, data, settings.train, seed=local_seed(msg, context))
+        result = train_steps(model, data, settings.train, seed=local_seed(instruction, context))
         seconds.setdefault(server_round, []).append(result.seconds)
     return seconds
 
