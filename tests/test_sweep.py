@@ -121,13 +121,14 @@ def test_mean_interval_and_paired_difference_on_hand_made_numbers():
     assert mean_interval([]).n == 0
 
 
-def _fake_run(folder, accuracies, losses, mb=1.0):
+def _fake_run(folder, accuracies, losses, mb=1.0, rouge_l=None):
+    """A finished run's files; with ``rouge_l`` (per round) a generation run, whose perplexity
+    is exp(loss)."""
     folder.mkdir(parents=True)
     records = [
         {"round": t, "accuracy": a, "loss": loss}
         for t, (a, loss) in enumerate(zip(accuracies, losses, strict=True))
     ]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {
         "final_accuracy": accuracies[-1],
         "best_accuracy": max(accuracies),
@@ -135,17 +136,26 @@ def _fake_run(folder, accuracies, losses, mb=1.0):
         "bytes_up": mb * 1e6,
         "seconds": 10.0,
     }
+    if rouge_l is not None:
+        for record, value in zip(records, rouge_l, strict=True):
+            record.update(rouge_l=value, perplexity=math.exp(record["loss"]))
+        summary.update(final_rouge_l=rouge_l[-1], final_perplexity=math.exp(losses[-1]))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
-def test_sweep_tables_over_seeds_have_means_intervals_and_paired_differences(tmp_path, tiny_config):
+def _three_seed_sweep(tmp_path, tiny_config, target, runs):
+    """A sweep over seeds 1-3 with baseline ``ref``, and its (empty) results folder."""
     write_scenario(tmp_path / "base", tiny_config)
     (tmp_path / "s.yaml").write_text(
-        "scenario: base\nseeds: [1, 2, 3]\ntarget-accuracy: 0.5\nbaseline: ref\n"
-        "runs: {ref: {strategy: fedit}, new: {strategy: hetlora}}\n"
+        f"scenario: base\nseeds: [1, 2, 3]\n{target}\nbaseline: ref\nruns: {runs}\n"
     )
-    sweep = load_sweep(tmp_path / "s.yaml")
-    out = tmp_path / "out"
+    return load_sweep(tmp_path / "s.yaml"), tmp_path / "out"
+
+
+def test_sweep_tables_over_seeds_have_means_intervals_and_paired_differences(tmp_path, tiny_config):
+    runs = "{ref: {strategy: fedit}, new: {strategy: hetlora}}"
+    sweep, out = _three_seed_sweep(tmp_path, tiny_config, "target-accuracy: 0.5", runs)
     ref = {1: [0.1, 0.4, 0.5], 2: [0.1, 0.3, 0.4], 3: [0.1, 0.5, 0.6]}
     new = {1: [0.1, 0.5, 0.6], 2: [0.1, 0.4, 0.6], 3: [0.1, 0.6, 0.6]}  # +0.1, +0.2, 0.0
     for seed in (1, 2, 3):
@@ -174,6 +184,38 @@ def test_sweep_tables_over_seeds_have_means_intervals_and_paired_differences(tmp
     table = (out / "comparison.md").read_text()
     assert "| new | hetlora | 3 | 0.600 ± " in table and "0.100 ± 0.248" in table
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "loss.png").is_file()
+
+
+def test_generation_sweep_tables_compare_rouge_l_and_perplexity(tmp_path, tiny_config):
+    """A generation sweep: ROUGE-L and perplexity with paired differences in place of exact
+    match (0 for free-form text), rouge_l.png, and runs not started yet marked as such."""
+    runs = "{ref: {strategy: fedit}, new: {strategy: hetlora}, later: {strategy: zeropad}}"
+    sweep, out = _three_seed_sweep(tmp_path, tiny_config, "target-rouge-l: 0.3", runs)
+    ref = {1: [0.1, 0.2, 0.3], 2: [0.1, 0.3, 0.3], 3: [0.1, 0.2, 0.2]}
+    new = {1: [0.1, 0.3, 0.4], 2: [0.1, 0.3, 0.4], 3: [0.1, 0.3, 0.3]}  # +0.1 each seed
+    for seed in (1, 2, 3):
+        _fake_run(out / f"ref-seed{seed}", [0.0] * 3, [3.0, 2.0, 1.0], rouge_l=ref[seed])
+        _fake_run(out / f"new-seed{seed}", [0.0] * 3, [3.0, 2.0, 1.5], rouge_l=new[seed])
+    (out / "later-seed1").mkdir()  # started, stopped without a summary; seeds 2, 3 not started
+    rows = comparison_rows(sweep, out)
+    write_comparison(rows, out, sweep)
+    assert [r["status"] for r in rows if r["run"] == "later"] == ["failed", "not run", "not run"]
+    with (out / "summary.csv").open() as handle:
+        summary = {row["run"]: row for row in csv.DictReader(handle)}
+    assert float(summary["new"]["final_rouge_l_vs_baseline_mean"]) == pytest.approx(0.1)
+    assert float(summary["new"]["final_rouge_l_vs_baseline_sd"]) == pytest.approx(0.0, abs=1e-12)
+    ppl = math.exp(1.5) - math.exp(1.0)
+    assert float(summary["new"]["final_perplexity_vs_baseline_mean"]) == pytest.approx(ppl, 1e-5)
+    assert (summary["later"]["seeds"], summary["later"]["failed"]) == ("0", "1")
+    # rounds to ROUGE-L 0.3: ref in 2 of 3 seeds (rounds 2, 1), new in all three (1, 1, 1)
+    assert summary["ref"]["reached_target"] == "2" and summary["new"]["reached_target"] == "3"
+    table = (out / "comparison.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| run | strategy |"))
+    assert "final_rouge_l | final_perplexity | final_loss | final_rouge_l_vs_baseline" in header
+    assert "accuracy" not in header
+    assert f"| new | hetlora | 3 | 0.367 ± 0.143 | {math.exp(1.5):.3f} ± 0.000 |" in table
+    assert (out / "rouge_l.png").stat().st_size > 1000 and (out / "loss.png").is_file()
+    assert not (out / "accuracy.png").exists()
 
 
 def test_a_baseline_that_is_not_a_run_is_refused(tmp_path, tiny_config):

@@ -17,7 +17,9 @@ go to ``<out>/<run>-seed<seed>/``; a run whose ``summary.json`` exists is not re
 the sweep writes ``comparison.csv`` (a row per run and seed), ``summary.csv`` and
 ``comparison.md`` (per run, the mean and 95% interval over the seeds, :mod:`tooling.stats`, and
 the paired differences to the baseline) and ``accuracy.png``/``loss.png`` (the mean per round,
-the interval shaded).
+the interval shaded). A generation sweep's table and plot show ROUGE-L and perplexity in place of
+exact match (``rouge_l.png``); a run not started yet is ``not run``, one that stopped without a
+summary ``failed``.
 """
 
 from __future__ import annotations
@@ -146,8 +148,8 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                 "strategy": sweep.runs[name].get("strategy", ""),
             }
             summary_path = folder / "summary.json"
-            if not summary_path.is_file():
-                rows.append({**row, "status": "failed"})
+            if not summary_path.is_file():  # started and stopped (its log says why), or not yet
+                rows.append({**row, "status": "failed" if folder.is_dir() else "not run"})
                 continue
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
             records = read_metrics(folder)
@@ -158,8 +160,8 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                     "final_accuracy": round(summary["final_accuracy"], 4),
                     "best_accuracy": round(summary["best_accuracy"], 4),
                     "final_loss": round(records[-1]["loss"], 4),
-                    "final_rouge_l": summary.get("final_rouge_l"),
-                    "final_perplexity": summary.get("final_perplexity"),
+                    "final_rouge_l": _rounded(summary.get("final_rouge_l")),
+                    "final_perplexity": _rounded(summary.get("final_perplexity")),
                     "rounds_to_target": when_reached(records, sweep),
                     "simulated_to_target": when_reached(records, sweep, "simulated_total"),
                     "mb_down": round(summary["bytes_down"] / 1e6, 2),
@@ -174,6 +176,10 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 # The quality figures of the generation task (in place of accuracy in the comparison table).
@@ -220,7 +226,7 @@ def summary_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any
             "run": name,
             "strategy": sweep.runs[name].get("strategy", ""),
             "seeds": len(finished),
-            "failed": len(sweep.seeds) - len(finished),
+            "failed": sum(r["run"] == name and r["status"] == "failed" for r in rows),
         }
         for metric in SUMMARISED:
             summary[metric] = mean_interval(list(seed_values(rows, name, metric).values()))
@@ -241,7 +247,8 @@ def _interval_columns(summaries: list[dict[str, Any]]) -> list[str]:
 def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> None:
     """``comparison.csv`` (a row per run and seed), ``summary.csv`` (per run: mean, sd and
     95% interval of every figure; paired differences to the baseline), ``comparison.md``,
-    ``accuracy.png`` and ``loss.png`` (mean per round with its interval shaded)."""
+    ``accuracy.png`` (``rouge_l.png`` for generation) and ``loss.png`` (mean per round with its
+    interval shaded)."""
     with (out / "comparison.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -261,10 +268,11 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
                     flat[f"{column}_{part}"] = _csv_number(getattr(value, part))
             writer.writerow(flat)
     (out / "comparison.md").write_text(comparison_markdown(rows, summaries, sweep), "utf-8")
-    for metric, label in (("accuracy", "central test accuracy"), ("loss", "central test loss")):
-        plot_curves(rows, sweep, metric, label, out / f"{metric}.png")
-    if is_generation(rows):
+    if is_generation(rows):  # exact match of free-form text is ~0: ROUGE-L in its place
         plot_curves(rows, sweep, "rouge_l", "ROUGE-L F1 of greedy generations", out / "rouge_l.png")
+    else:
+        plot_curves(rows, sweep, "accuracy", "central test accuracy", out / "accuracy.png")
+    plot_curves(rows, sweep, "loss", "central test loss", out / "loss.png")
     if any(r.get("simulated_seconds") for r in rows):  # the device clock ran: against its time
         label = "central test accuracy"
         plot_curves(rows, sweep, "accuracy", label, out / "accuracy_vs_time.png", "simulated")
@@ -281,9 +289,9 @@ def comparison_markdown(
     lines = []
     if len(sweep.seeds) > 1:
         quality = list(GENERATION_QUALITY) if is_generation(rows) else []
-        columns = ["final_accuracy", "best_accuracy", "final_loss", *quality]
+        compared = quality or ["final_accuracy"]
+        columns = [*(quality or ["final_accuracy", "best_accuracy"]), "final_loss"]
         if sweep.baseline is not None:
-            compared = quality or ["final_accuracy"]
             columns += [f"{m}_vs_baseline" for m in (*compared, "final_loss")]
         columns += ["rounds_to_target", "mb_down", "mb_up", "seconds"]
         if any(r.get("simulated_seconds") for r in rows):  # the device clock ran
