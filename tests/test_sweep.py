@@ -122,8 +122,8 @@ def test_mean_interval_and_paired_difference_on_hand_made_numbers():
 
 
 def _fake_run(folder, accuracies, losses, mb=1.0, rouge_l=None):
-    """A finished run's files; with ``rouge_l`` (per round) a generation run, whose perplexity
-    is exp(loss)."""
+    """A finished run's files; with ``rouge_l`` (per round) a generation run on the device
+    clock, whose perplexity is exp(loss)."""
     folder.mkdir(parents=True)
     records = [
         {"round": t, "accuracy": a, "loss": loss}
@@ -136,10 +136,15 @@ def _fake_run(folder, accuracies, losses, mb=1.0, rouge_l=None):
         "bytes_up": mb * 1e6,
         "seconds": 10.0,
     }
-    if rouge_l is not None:
+    if rouge_l is not None:  # with the device clock, 10 simulated seconds a round
         for record, value in zip(records, rouge_l, strict=True):
-            record.update(rouge_l=value, perplexity=math.exp(record["loss"]))
+            record.update(
+                rouge_l=value,
+                perplexity=math.exp(record["loss"]),
+                simulated_total=10.0 * record["round"],
+            )
         summary.update(final_rouge_l=rouge_l[-1], final_perplexity=math.exp(losses[-1]))
+        summary["simulated_seconds"] = 10.0 * (len(records) - 1)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "summary.json").write_text(json.dumps(summary))
 
@@ -215,7 +220,8 @@ def test_generation_sweep_tables_compare_rouge_l_and_perplexity(tmp_path, tiny_c
     assert "accuracy" not in header
     assert f"| new | hetlora | 3 | 0.367 ± 0.143 | {math.exp(1.5):.3f} ± 0.000 |" in table
     assert (out / "rouge_l.png").stat().st_size > 1000 and (out / "loss.png").is_file()
-    assert not (out / "accuracy.png").exists()
+    assert (out / "rouge_l_vs_time.png").stat().st_size > 1000
+    assert not (out / "accuracy.png").exists() and not (out / "accuracy_vs_time.png").exists()
 
 
 def test_a_baseline_that_is_not_a_run_is_refused(tmp_path, tiny_config):

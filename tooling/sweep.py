@@ -248,7 +248,8 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
     """``comparison.csv`` (a row per run and seed), ``summary.csv`` (per run: mean, sd and
     95% interval of every figure; paired differences to the baseline), ``comparison.md``,
     ``accuracy.png`` (``rouge_l.png`` for generation) and ``loss.png`` (mean per round with its
-    interval shaded)."""
+    interval shaded), and ``accuracy_vs_time.png`` (``rouge_l_vs_time.png``) when the device
+    clock ran."""
     with (out / "comparison.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -268,14 +269,15 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
                     flat[f"{column}_{part}"] = _csv_number(getattr(value, part))
             writer.writerow(flat)
     (out / "comparison.md").write_text(comparison_markdown(rows, summaries, sweep), "utf-8")
-    if is_generation(rows):  # exact match of free-form text is ~0: ROUGE-L in its place
-        plot_curves(rows, sweep, "rouge_l", "ROUGE-L F1 of greedy generations", out / "rouge_l.png")
+    # exact match of free-form text is ~0: a generation sweep plots ROUGE-L in its place
+    if is_generation(rows):
+        quality, label = "rouge_l", "ROUGE-L F1 of greedy generations"
     else:
-        plot_curves(rows, sweep, "accuracy", "central test accuracy", out / "accuracy.png")
+        quality, label = "accuracy", "central test accuracy"
+    plot_curves(rows, sweep, quality, label, out / f"{quality}.png")
     plot_curves(rows, sweep, "loss", "central test loss", out / "loss.png")
     if any(r.get("simulated_seconds") for r in rows):  # the device clock ran: against its time
-        label = "central test accuracy"
-        plot_curves(rows, sweep, "accuracy", label, out / "accuracy_vs_time.png", "simulated")
+        plot_curves(rows, sweep, quality, label, out / f"{quality}_vs_time.png", "simulated")
 
 
 def _csv_number(value: float) -> str:
