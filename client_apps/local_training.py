@@ -72,7 +72,7 @@ def local_data(settings: RunSettings, node_config: dict) -> Encoded:
     """This node's training examples: its simulated partition, or its own data path."""
     data = settings.data
     if NODE_DATA in node_config:
-        data = replace(data, source=str(node_config[NODE_DATA]))
+        data = data.on_device(str(node_config[NODE_DATA]))
     partition = None
     if PARTITION_ID in node_config and NUM_PARTITIONS in node_config:
         partition = (int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS]))

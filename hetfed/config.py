@@ -199,8 +199,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _section_types(cls: type) -> dict[str, Any]:
+    """The run-config fields of ``cls``: a field named with a leading underscore is not a key."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+    fields = dataclasses.fields(cls)
+    return {f.name: hints[f.name] for f in fields if f.init and not f.name.startswith("_")}
 
 
 def build_section(cls: type, prefix: str, flat: Mapping[str, Scalar], used: set[str]) -> Any:

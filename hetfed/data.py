@@ -113,6 +113,9 @@ class DataConfig:
     server_examples: int = 0  # held-out server split taken from train
     max_test_examples: int = 0  # 0 = all
     seed: int = 42
+    # not a run-config key (the leading underscore): set by on_device for a device's own folder
+    # in a bbc-news-headlines run, whose source is then a path rather than that name
+    _titles_as_targets: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ConfigError:
@@ -155,9 +158,20 @@ class DataConfig:
             raise bad("seed", "an integer >= 0")
 
     @property
+    def titles_as_targets(self) -> bool:
+        """Whether class folders are read as (article, title) pairs, as ``bbc-news-headlines``."""
+        return self._titles_as_targets or self.source.strip() == BBC_NEWS_HEADLINES
+
+    @property
     def pairs(self) -> bool:
         """Whether the source is read as (input, target) pairs."""
-        return bool(self.target_column) or self.source.strip() == BBC_NEWS_HEADLINES
+        return bool(self.target_column) or self.titles_as_targets
+
+    def on_device(self, path: str) -> DataConfig:
+        """This config on a device's own data (node-config ``data-path``), read as the run
+        reads its source: in a ``bbc-news-headlines`` run, a folder of class sub-folders as
+        (article, title) pairs too."""
+        return replace(self, source=path, _titles_as_targets=self.titles_as_targets)
 
     def renamed_labels(self) -> dict[str, str]:
         """``label-names`` as {label in the data: new name}; {} when a pair is malformed."""
@@ -519,7 +533,15 @@ def _read_local(path: Path, cfg: DataConfig) -> _Raw:
                         f"'' for {cfg.source} (sub-folders of .txt files per class have no "
                         "columns)",
                     )
-            return _read_class_folders(path, headlines=cfg.pairs)  # bbc-news-headlines
+            return _read_class_folders(path, headlines=cfg.titles_as_targets)
+    if cfg.titles_as_targets:  # a file has no titled articles (the packaged folder is classes)
+        raise ConfigError(
+            "data-path",
+            str(path),
+            f"a folder of one sub-folder of .txt articles per class, each titled by its first "
+            f"line (a device's own data in a {BBC_NEWS_HEADLINES!r} run)",
+            "node config",
+        )
     assert train_file is not None
     train = _rows_of(_read_file(train_file), cfg)
     test = _rows_of(_read_file(test_file), cfg) if test_file is not None else None

@@ -1,4 +1,5 @@
-"""A device's own data (node-config data-path) is labelled with the run's label ids."""
+"""A device's own data (node-config data-path): labelled with the run's label ids, and read
+as the run reads its source."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import csv
 import pytest
 
 from client_apps.local_training import server_label_ids
-from hetfed.config import RunSettings
+from hetfed.config import RunSettings, known_keys, parse_run_config
 from hetfed.data import DataConfig, load_splits
 from hetfed.errors import ConfigError
 
@@ -41,6 +42,50 @@ def test_device_labels_unknown_to_the_run_are_refused(tmp_path):
     local = DataConfig(source=str(device))
     with pytest.raises(ConfigError, match="zebra"):
         server_label_ids(settings, local, list(load_splits(local).train["label"]))
+
+
+def write_articles(folder, articles):
+    """A BBC-style folder: one sub-folder per class of .txt files whose first line is a title."""
+    for number, (label, title, body) in enumerate(articles):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        (folder / label / f"{number:03d}.txt").write_text(f"\n{title}\n\n{body}\n")
+    return folder
+
+
+def test_device_folder_in_a_headlines_run_is_read_as_article_title_pairs(tmp_path):
+    articles = [
+        (label, f"Title {i} {label}", f"Body {i} of {label}.") for label in "xy" for i in range(10)
+    ]
+    device = str(write_articles(tmp_path / "device", articles))
+    local = DataConfig(source="bbc-news-headlines").on_device(device)
+    splits = load_splits(local)
+    rows = [
+        (split.features["label"].names[label], target, text)
+        for split in (splits.train, splits.test)
+        for text, label, target in zip(split["text"], split["label"], split["target"], strict=True)
+    ]
+    assert sorted(rows) == sorted(articles)
+    # the same folder in a classification run: whole articles as texts, no targets
+    plain = load_splits(DataConfig(source="bbc-news").on_device(device))
+    assert plain.train.column_names == ["text", "label"]
+    whole = [
+        " ".join(text.split()) for split in (plain.train, plain.test) for text in split["text"]
+    ]
+    assert sorted(whole) == sorted(f"{title} {body}" for _, title, body in articles)
+
+
+def test_device_file_in_a_headlines_run_is_refused_naming_the_node_key(tmp_path):
+    device = write(tmp_path / "device", [("x", "a"), ("y", "b")] * 3)
+    with pytest.raises(ConfigError) as info:
+        load_splits(DataConfig(source="bbc-news-headlines").on_device(str(device / "train.csv")))
+    assert (info.value.key, info.value.source) == ("data-path", "node config")
+    assert "sub-folder of .txt articles per class" in str(info.value)
+
+
+def test_the_device_titles_flag_is_not_a_run_config_key():
+    assert not [key for key in known_keys(RunSettings) if "titles" in key]
+    with pytest.raises(ConfigError, match="known keys"):
+        parse_run_config({"data.-titles-as-targets": True}, strict=True)
 
 
 def test_tier_auto_picks_the_largest_tier_that_fits_measured_memory():
