@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 
 from client_apps.node_config import NODE_DATA, NUM_PARTITIONS, PARTITION_ID, client_id
@@ -20,34 +22,46 @@ from hetfed import adapter_state, seeds, wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import RunSettings, parse_run_config, require_runs_on
 from hetfed.data import DataConfig, load_partition, load_splits, require_known_labels
-from hetfed.models import cached_model, compute_device
+from hetfed.models import ModelConfig, cached_model, compute_device
 from hetfed.rank_pruning import keep_rank, pruned_rank, tail_penalty, tail_score
-from hetfed.training import Encoded, encode_split, train_steps
+from hetfed.training import Encoded, TrainResult, encode_split, train_steps
 
 
 @dataclass
 class Worker:
     """What a process keeps between calls: the base model with its adapters, and the data."""
 
-    settings: RunSettings
     host: AdapterHost
     tokenizer: object
     label_names: list[str]
 
 
-@lru_cache(maxsize=4)
-def _worker(settings: RunSettings) -> Worker:
+def worker_for(settings: RunSettings) -> Worker:
+    """This process's worker for a run's base model (one per base: runs whose other settings
+    differ share it)."""
     require_runs_on(settings, compute_device())  # a CPU device refuses fp16 or a quantized base
-    label_names = load_splits(settings.data).label_names
-    model, tokenizer = cached_model(settings.model, len(label_names), seed=settings.seed)
-    return Worker(settings, AdapterHost(model), tokenizer, label_names)
+    return _worker(settings.model, settings.data, settings.seed)
+
+
+@lru_cache(maxsize=4)
+def _worker(model_config: ModelConfig, data: DataConfig, seed: int) -> Worker:
+    label_names = load_splits(data).label_names
+    host, tokenizer = _host(model_config, len(label_names), seed)
+    return Worker(host, tokenizer, label_names)
+
+
+@lru_cache(maxsize=4)
+def _host(model_config: ModelConfig, num_labels: int, seed: int) -> tuple[AdapterHost, object]:
+    """One adapter host per cached base model (:func:`hetfed.models.cached_model`)."""
+    model, tokenizer = cached_model(model_config, num_labels, seed=seed)
+    return AdapterHost(model), tokenizer
 
 
 @lru_cache(maxsize=64)
 def _encoded_partition(
     settings: RunSettings, data: DataConfig, partition: tuple[int, int] | None
 ) -> Encoded:
-    worker = _worker(settings)
+    worker = worker_for(settings)
     if partition is None:
         dataset = load_splits(data).train
     else:
@@ -102,61 +116,140 @@ def received_spec(instruction: wire.TrainInstruction, settings: RunSettings) -> 
     return spec
 
 
-def local_seed(instruction: wire.TrainInstruction, context: Context) -> int:
-    """The seed of a client's local steps (:func:`hetfed.seeds.local_seed`)."""
-    return seeds.local_seed(instruction.seed, client_id(context))
+@dataclass(frozen=True)
+class TrainJob:
+    """A train message's work as the ClientApp hands it to a trainer: what was sent and who
+    this node is (picklable: a packed trainer receives it through Ray)."""
+
+    settings: RunSettings
+    instruction: wire.TrainInstruction
+    received: dict[str, np.ndarray]
+    node_config: dict
+    client_id: int
+
+    @classmethod
+    def from_message(cls, msg: Message, context: Context) -> TrainJob:
+        """The job of a train message; a rank above this node's budget is refused."""
+        settings, _ = parse_run_config(context.run_config, strict=False)
+        instruction = wire.TrainInstruction.from_record(msg.content[wire.CONFIG])
+        if wire.BUDGET in context.state:
+            affordable = wire.BudgetReply.from_record(context.state[wire.BUDGET]).rank
+            if instruction.rank > affordable:
+                raise ValueError(
+                    f"sent rank {instruction.rank} exceeds this node's budget {affordable}"
+                )
+        received = wire.from_record(msg.content[wire.ARRAYS])
+        return cls(settings, instruction, received, dict(context.node_config), client_id(context))
+
+    @property
+    def seed(self) -> int:
+        """The seed of the client's local steps (:func:`hetfed.seeds.local_seed`)."""
+        return seeds.local_seed(self.instruction.seed, self.client_id)
+
+    @property
+    def base_deltas(self) -> dict[str, np.ndarray]:
+        """FLoRA's merged base weights, if any: the base this client trains on."""
+        return adapter_state.base_deltas(self.received)
+
+    @property
+    def steps(self) -> int:
+        """Local steps this round: the run's, or fewer (a straggler under a deadline)."""
+        return self.instruction.local_steps or self.settings.train.local_steps
 
 
-def train_locally(msg: Message, context: Context) -> Message:
-    """Load the sent adapter at the sent rank, train locally, return the adapter and metrics."""
-    started = time.perf_counter()
-    settings, _ = parse_run_config(context.run_config, strict=False)
-    instruction = wire.TrainInstruction.from_record(msg.content[wire.CONFIG])
-    rank, layers, pruning = instruction.rank, instruction.layers, instruction.pruning
-    if wire.BUDGET in context.state:
-        affordable = wire.BudgetReply.from_record(context.state[wire.BUDGET]).rank
-        if rank > affordable:
-            raise ValueError(f"sent rank {rank} exceeds this node's budget {affordable}")
-    received = wire.from_record(msg.content[wire.ARRAYS])
-    arrays = adapter_state.trainable(received)
-    spec = received_spec(instruction, settings)
-    data = local_data(settings, context.node_config)
-    worker = _worker(settings)
-    with worker.host.lock:
-        model = worker.host.set_state(spec, arrays)
-        built = worker.host.built_scaling(spec)
+@dataclass(frozen=True)
+class JobResult:
+    """What a client's training gives back: the trained arrays, at the rank it kept."""
+
+    state: dict[str, np.ndarray]
+    rank: int
+    num_examples: int
+    train_loss: float
+
+
+class LocalWork:
+    """One client's job on a process's base model: load its adapter, freeze what it must not
+    train, and read back what it trained (pruned where HetLoRA's rule says so). Training in
+    between is :func:`~hetfed.training.train_steps` alone or a pack's
+    (:mod:`hetfed.packed_training`), ``slot`` naming its adapter there."""
+
+    def __init__(self, job: TrainJob, slot: int | None = None) -> None:
+        self.job = job
+        self.worker = worker_for(job.settings)
+        self.spec = replace(received_spec(job.instruction, job.settings), slot=slot)
+        self.arrays = adapter_state.trainable(job.received)
+        self.data = local_data(job.settings, job.node_config)
+        self.penalty = None
+        self.keep, self.score_before = job.instruction.rank, 0.0
+
+    def load(self) -> None:
+        """Load the sent arrays into this client's adapter (the host's lock held)."""
+        host, spec = self.worker.host, self.spec
+        model = host.set_state(spec, self.arrays)
+        built = host.built_scaling(spec)
         if not all(math.isclose(s, spec.scaling, rel_tol=1e-9) for s in built):
             raise ValueError(  # peft must build what the server reads, before any training
                 f"peft built scalings {sorted(built)} for adapter {spec.name}, "
                 f"the server reads it at {spec.scaling}"
             )
-        # FLoRA's merged base, if any
-        worker.host.set_base_deltas(adapter_state.base_deltas(received))
-        penalty, keep, score_before = None, rank, 0.0
+        pruning = self.job.instruction.pruning
         if pruning is not None:
-            keep = keep_rank(rank, pruning.gamma)
-            score_before = tail_score(_in_layers(arrays, layers), keep)
-            penalty = tail_penalty(model, spec.name, keep, pruning.lam)
-        with (
-            worker.host.train_only_layers(spec, layers),
-            worker.host.frozen_factors(spec, instruction.frozen),
-        ):
-            steps = instruction.local_steps or settings.train.local_steps  # fewer: a deadline
-            work = replace(settings.train, local_steps=steps)
-            result = train_steps(
-                model, data, work, penalty=penalty, seed=local_seed(instruction, context)
+            self.keep = keep_rank(self.job.instruction.rank, pruning.gamma)
+            layers = self.job.instruction.layers
+            self.score_before = tail_score(_in_layers(self.arrays, layers), self.keep)
+            self.penalty = tail_penalty(model, spec.name, self.keep, pruning.lam)
+
+    def frozen_parts(self) -> ExitStack:
+        """Freeze the LoRA modules outside the sent layers and the sent frozen factors."""
+        host, instruction = self.worker.host, self.job.instruction
+        stack = ExitStack()
+        stack.enter_context(host.train_only_layers(self.spec, instruction.layers))
+        stack.enter_context(host.frozen_factors(self.spec, instruction.frozen))
+        return stack
+
+    def result(self, trained: TrainResult) -> JobResult:
+        """Only what was trained, pruned to HetLoRA's smaller rank when its tail shrank."""
+        instruction = self.job.instruction
+        state = _in_layers(self.worker.host.get_state(self.spec), instruction.layers)
+        rank, pruning = instruction.rank, instruction.pruning
+        if pruning is not None and tail_score(state, self.keep) < self.score_before:
+            rank = pruned_rank(rank, pruning.gamma, pruning.min_rank)
+            state = adapter_state.truncate_state(state, rank)
+        return JobResult(state, rank, len(self.data), trained.loss)
+
+
+def run_alone(job: TrainJob) -> JobResult:
+    """Train one client's job on this process's base model, by itself."""
+    work = LocalWork(job)
+    host = work.worker.host
+    with host.lock:
+        work.load()
+        host.set_base_deltas(job.base_deltas)
+        with work.frozen_parts():
+            train = replace(job.settings.train, local_steps=job.steps)
+            trained = train_steps(
+                host.peft_model, work.data, train, penalty=work.penalty, seed=job.seed
             )
-        state = _in_layers(worker.host.get_state(spec), layers)  # only what was trained
-    if pruning is not None and tail_score(state, keep) < score_before:
-        rank = pruned_rank(rank, pruning.gamma, pruning.min_rank)
-        state = adapter_state.truncate_state(state, rank)
+        return work.result(trained)
+
+
+def reply_message(msg: Message, job: TrainJob, result: JobResult, started: float) -> Message:
+    """The train reply: the trained arrays and a :class:`~hetfed.wire.TrainReply`."""
     reply = wire.TrainReply(
-        num_examples=len(data),
-        train_loss=result.loss,
-        rank=rank,
+        num_examples=result.num_examples,
+        train_loss=result.train_loss,
+        rank=result.rank,
         seconds=time.perf_counter() - started,
-        bytes_down=wire.nbytes(received),
-        bytes_up=wire.nbytes(state),
+        bytes_down=wire.nbytes(job.received),
+        bytes_up=wire.nbytes(result.state),
     )
-    content = RecordDict({wire.ARRAYS: wire.to_record(state), wire.METRICS: reply.to_record()})
+    arrays = wire.to_record(result.state)
+    content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: reply.to_record()})
     return Message(content, reply_to=msg)
+
+
+def train_locally(msg: Message, context: Context) -> Message:
+    """Load the sent adapter at the sent rank, train locally, return the adapter and metrics."""
+    started = time.perf_counter()
+    job = TrainJob.from_message(msg, context)
+    return reply_message(msg, job, run_alone(job), started)

@@ -9,8 +9,6 @@ and the base model, which a process keeps between messages).
 
 from __future__ import annotations
 
-import os
-
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -18,20 +16,9 @@ from client_apps.node_config import NODE_TIER, NUM_PARTITIONS, PARTITION_ID, cli
 from hetfed import wire
 from hetfed.errors import ConfigError
 from hetfed.faults import fault_injection
-from hetfed.profiles import DeviceProfiles, Tier, parse_profiles
+from hetfed.profiles import DeviceProfiles, Tier, available_memory_gb, parse_profiles
 
 app = ClientApp()
-
-
-def available_memory_gb() -> float:
-    """Free memory of this device (Linux MemAvailable, else the OS's available pages)."""
-    try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def node_tier(
@@ -82,5 +69,11 @@ def train(msg: Message, context: Context) -> Message:
     # imported here, not at the top, so that a budget query never pays for PyTorch,
     # transformers and peft (a deployed SuperNode starts one process per message)
     from client_apps.local_training import train_locally
+    from hetfed.config import parse_run_config
 
+    settings, _ = parse_run_config(context.run_config, strict=False)
+    if settings.simulation.packed:
+        from client_apps.packed_trainer import train_in_pack
+
+        return train_in_pack(msg, context)
     return train_locally(msg, context)

@@ -36,7 +36,8 @@ HEAD_MODULES = ("classifier",)
 class LoraSpec:
     """The shape of one client's adapter: its rank, scaling numerator and targeted modules.
 
-    Its scaling is peft's: alpha / rank, or alpha / sqrt(rank) with ``rslora``.
+    Its scaling is peft's: alpha / rank, or alpha / sqrt(rank) with ``rslora``. A ``slot`` gives
+    the adapter a name of its own, for one of the clients a packed trainer trains side by side.
     """
 
     rank: int
@@ -44,10 +45,13 @@ class LoraSpec:
     target_modules: tuple[str, ...]
     dropout: float = 0.0
     rslora: bool = False
+    slot: int | None = None
 
     @property
     def name(self) -> str:
-        return f"r{self.rank}-a{self.alpha:g}" + ("-rs" if self.rslora else "")
+        dropout = f"-d{self.dropout:g}".replace(".", "p") if self.dropout else ""  # no dots
+        slot = "" if self.slot is None else f"-slot{self.slot}"
+        return f"r{self.rank}-a{self.alpha:g}" + ("-rs" if self.rslora else "") + dropout + slot
 
     @property
     def scaling(self) -> float:
@@ -126,6 +130,14 @@ class AdapterHost:
             elif spec.name not in self.peft_model.peft_config:
                 self.peft_model.add_adapter(spec.name, self._peft_config(spec))
         self.peft_model.set_adapter(spec.name)
+        return self.peft_model
+
+    def train_together(self, specs: Iterable[LoraSpec]) -> PeftModel:
+        """Make the (loaded) adapters of ``specs`` trainable at once, for a packed forward pass
+        that names each row's adapter (activating one adapter freezes the others)."""
+        if self.peft_model is None:
+            raise RuntimeError("load the adapters (set_state) before training them together")
+        self.peft_model.set_requires_grad([spec.name for spec in specs], True)
         return self.peft_model
 
     def _peft_config(self, spec: LoraSpec) -> LoraConfig:

@@ -87,6 +87,32 @@ class FaultSettings:
         return [k.strip() for k in self.kinds.split(",") if k.strip()]
 
 
+PACKING_OFF, PACKING_AUTO = "off", "auto"
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """How simulated clients train (deployment ignores this: one device, one client).
+
+    ``packing``: ``off``, each ClientApp trains on its own copy of the base; ``auto`` or a
+    number k, the ClientApps hand their training to one packed trainer per device, which holds
+    the base once and trains up to k clients (``auto``: as many as its free memory holds, by the
+    cost model) in one batched forward and backward pass (:mod:`hetfed.packed_training`).
+    """
+
+    packing: str | int = PACKING_OFF
+
+    def __post_init__(self) -> None:
+        if isinstance(self.packing, int) and self.packing >= 1:
+            return
+        if self.packing not in (PACKING_OFF, PACKING_AUTO):
+            raise ConfigError("simulation.packing", self.packing, "off, auto or an integer k >= 1")
+
+    @property
+    def packed(self) -> bool:
+        return self.packing != PACKING_OFF
+
+
 TOO_FEW_REPLIES = ("retry", "skip")
 STRAGGLER_POLICIES = ("drop", "partial")
 
@@ -117,6 +143,7 @@ class RunSettings:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     faults: FaultSettings = field(default_factory=FaultSettings)
+    simulation: SimulationSettings = field(default_factory=SimulationSettings)
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -157,6 +184,14 @@ class RunSettings:
             raise ConfigError("seed", self.seed, "an integer >= 0")
         if self.resume == "":
             raise ConfigError("resume", self.resume, "true, false or a results folder")
+        if self.simulation.packed and self.train.base_dropout:
+            raise ConfigError(
+                "train.base-dropout",
+                self.train.base_dropout,
+                f"false with simulation.packing = {self.simulation.packing!r}: packed clients "
+                "share one forward pass over the base, whose dropout draws cannot be each "
+                "client's own (docs/packing.md)",
+            )
 
 
 def require_runs_on(settings: RunSettings, device: torch.device) -> None:

@@ -248,6 +248,15 @@ def peak_memory_bytes(shape: ModelShape, update: UpdateShape, weight_bytes: int 
     return shape.frozen_parameters * weight_bytes + step.adapter + step.head + step.activations
 
 
+def clients_per_pack(shape: ModelShape, update: UpdateShape, free_bytes: float, most: int) -> int:
+    """How many clients of local work ``update`` a packed trainer fits beside its one base
+    (already loaded) in ``free_bytes``: each brings one step's training state
+    (:class:`StepCost`: activations, adapter, head); at least 1, at most ``most``."""
+    step = step_cost(shape, update)
+    per_client = step.activations + step.adapter + step.head
+    return max(1, min(most, int(free_bytes // per_client)))
+
+
 def adapter_bytes(shape: ModelShape, rank: int, target_modules: Iterable[str], blocks: int):
     """Bytes of a rank-``rank`` adapter's LoRA factors over ``blocks`` blocks, float32."""
     per_block = sum(

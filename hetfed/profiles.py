@@ -24,6 +24,7 @@ assignment.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,3 +289,14 @@ def load_profiles(path: str | Path) -> DeviceProfiles:
     if not path.is_file():
         raise ConfigError("profiles", str(path), "an existing YAML file of device profiles")
     return parse_profiles(path.read_text(encoding="utf-8"), source=str(path))
+
+
+def available_memory_gb() -> float:
+    """Free memory of this device (Linux MemAvailable, else the OS's available pages)."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30

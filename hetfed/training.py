@@ -40,6 +40,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     precision: str = "fp32"
+    # the frozen base's own dropout layers while a client trains (false: only lora.dropout);
+    # packed training (simulation.packing) needs false, see docs/packing.md
+    base_dropout: bool = True
 
     def __post_init__(self) -> None:
         for key, value in (
@@ -167,35 +170,82 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean
     )
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Some examples of a split, laid out for one forward pass, without the padding columns
+    they do not need.
+
+    Classification (right-padded): ``labels`` a class per example, ``scored`` None.
+    Instruction and generation (left-padded, answers end in the last column): ``labels`` the
+    next-token targets, and ``scored`` the last positions whose logits are computed, from the
+    one before the earliest answer token.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    scored: int | None = None
+
+    @classmethod
+    def of(cls, data: Encoded, idx: torch.Tensor | slice) -> Batch:
+        mask, labels = data.attention_mask[idx], data.labels[idx]
+        length = int(mask.sum(1).max())
+        if labels.dim() == 1:
+            return cls(data.input_ids[idx, :length], mask[:, :length], labels)
+        labels = labels[:, -length:]
+        scored = length - int((labels != IGNORE).any(0).int().argmax()) + 1
+        return cls(data.input_ids[idx, -length:], mask[:, -length:], labels, scored)
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def columns(self, length: int) -> slice:
+        """Where this batch's own columns sit once it is padded to ``length`` columns."""
+        return slice(0, self.length) if self.scored is None else slice(length - self.length, None)
+
+    def padded_to(self, length: int) -> Batch:
+        """The same examples padded to ``length`` columns, on the side the task pads (the added
+        columns are masked out and carry no targets)."""
+        extra = length - self.length
+        if extra == 0:
+            return self
+        side = (0, extra) if self.scored is None else (extra, 0)
+        labels = self.labels
+        if self.scored is not None:
+            labels = nn.functional.pad(labels, side, value=IGNORE)
+        pad = nn.functional.pad
+        return Batch(pad(self.input_ids, side), pad(self.attention_mask, side), labels, self.scored)
+
+
+def batch_forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``model`` on ``batch`` and the labels they are scored against, on the model's
+    device.
+
+    Classification: class logits (n, K) and classes (n,). Instruction and generation:
+    next-token logits of the ``scored`` last positions only, (n, P, V), and the targets of those
+    P positions (n, P); position ids count real tokens only, as if nothing were padded.
+    """
+    device = model_device(model)
+    mask = batch.attention_mask
+    if batch.scored is None:
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=mask.to(device))
+        return logits, batch.labels.to(device)
+    output = model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
+        logits_to_keep=batch.scored,
+    )
+    return output.logits, batch.labels[:, -batch.scored :].to(device)
+
+
 def task_forward(
     model: nn.Module, data: Encoded, idx: torch.Tensor | slice
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of ``model`` on the examples ``idx`` and the labels they are scored against, on
-    the model's device, without the padding columns this batch does not need.
-
-    Classification (right-padded): class logits (n, K) and classes (n,). Instruction
-    (left-padded, answers end in the last column): next-token logits of the last positions only,
-    from the one before the earliest answer token, (n, P, V), and the targets of those P
-    positions (n, P); position ids count real tokens only, as if nothing were padded.
-    """
-    device = model_device(model)
-    mask, labels = data.attention_mask[idx], data.labels[idx]
-    length = int(mask.sum(1).max())
-    if labels.dim() == 1:
-        logits = model(
-            input_ids=data.input_ids[idx, :length].to(device),
-            attention_mask=mask[:, :length].to(device),
-        )
-        return logits, labels.to(device)
-    mask, labels = mask[:, -length:], labels[:, -length:]
-    scored = length - int((labels != IGNORE).any(0).int().argmax()) + 1
-    output = model(
-        input_ids=data.input_ids[idx, -length:].to(device),
-        attention_mask=mask.to(device),
-        position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
-        logits_to_keep=scored,
-    )
-    return output.logits, labels[:, -scored:].to(device)
+    """Logits of ``model`` on the examples ``idx`` of ``data`` and their labels
+    (:func:`batch_forward` of :meth:`Batch.of`)."""
+    return batch_forward(model, Batch.of(data, idx))
 
 
 @dataclass(frozen=True)
@@ -221,6 +271,32 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class BatchOrder:
+    """A client's batches: seeded shuffles of its ``size`` examples, one pass after another."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size = size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.cursor = torch.randperm(size, generator=self.generator), 0
+
+    def next(self) -> torch.Tensor:
+        if self.cursor >= len(self.order):
+            self.order, self.cursor = torch.randperm(self.size, generator=self.generator), 0
+        idx = self.order[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return idx
+
+
+def train_mode(model: nn.Module, base_dropout: bool) -> None:
+    """Put ``model`` in training mode: every module, or (``base_dropout`` false) only the LoRA
+    layers' own dropout (peft's ``lora_dropout``), the frozen base computing as in evaluation."""
+    model.train(base_dropout)
+    if not base_dropout:
+        for name, module in model.named_modules():
+            if name.endswith(".lora_dropout"):
+                module.train()
+
+
 def train_steps(
     model: nn.Module,
     data: Encoded,
@@ -235,20 +311,16 @@ def train_steps(
     Returns the mean task loss over the steps.
     """
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = loss_scaler(model, cfg.precision)
     device = model_device(model)
-    order = torch.randperm(len(data), generator=generator)
-    cursor, total_loss, seen = 0, 0.0, 0
+    batches = BatchOrder(len(data), cfg.batch_size, seed)
+    total_loss, seen = 0.0, 0
     with seeded_torch(seed):  # dropout draws depend on the seed, not on the process's history
-        model.train()
+        train_mode(model, cfg.base_dropout)
         for _ in range(cfg.local_steps):
-            if cursor >= len(order):
-                order, cursor = torch.randperm(len(data), generator=generator), 0
-            idx = order[cursor : cursor + cfg.batch_size]
-            cursor += cfg.batch_size
+            idx = batches.next()
             with autocast(cfg.precision, device):
                 loss = task_loss(*task_forward(model, data, idx))
             objective = loss + penalty() if penalty is not None else loss

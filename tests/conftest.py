@@ -247,8 +247,9 @@ def run_scenario(flower_home, tmp_path):
         num_supernodes: int = 4,
         overrides: tuple[str, ...] = (),
         timeout: float = 420,
+        simulation: dict | None = None,
     ):
-        folder = write_scenario(tmp_path / "scenario", config, profiles, num_supernodes)
+        folder = write_scenario(tmp_path / "scenario", config, profiles, num_supernodes, simulation)
         proc = hetfed_run(flower_home, tmp_path, folder, overrides, timeout)
         return proc, tmp_path / config.get("results-dir", "results")
 

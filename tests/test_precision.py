@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from client_apps.local_training import _worker
+from client_apps.local_training import worker_for
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import RunSettings, parse_run_config, require_runs_on, setting
 from hetfed.data import DataConfig, load_splits
@@ -102,7 +102,7 @@ def test_a_quantized_run_is_refused_before_training(tmp_path, tiny_config):
     with pytest.raises(ConfigError, match="model.quantize.*'4bit'.*needs a CUDA GPU"):
         plan_run(config, tmp_path)
     with pytest.raises(ConfigError, match="model.quantize.*'4bit'.*needs a CUDA GPU"):
-        _worker(parse_run_config(config, strict=False)[0])
+        worker_for(parse_run_config(config, strict=False)[0])
     fp16 = {**tiny_config, "train.precision": "fp16"}
     with pytest.raises(ConfigError, match="train.precision.*'fp16'.*needs a CUDA GPU"):
         plan_run(fp16, tmp_path)

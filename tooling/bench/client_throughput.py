@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 
-from client_apps.local_training import local_seed, received_spec
+from client_apps.local_training import TrainJob, received_spec
 from client_apps.lora_client import train
 from hetfed import adapter_state, wire
 from hetfed.adapters import AdapterHost
@@ -63,7 +63,7 @@ def naive_train(msg: Message, context: Context) -> Message:
         host.set_state(spec, adapter_state.trainable(received)),
         data,
         settings.train,
-        seed=local_seed(instruction, context),
+        seed=TrainJob.from_message(msg, context).seed,
     )
     metrics = wire.TrainReply(len(data), result.loss, spec.rank).to_record()
     return Message(

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from client_apps.local_training import local_seed, received_spec
-from hetfed import adapter_state, wire
+from client_apps.local_training import TrainJob, received_spec
+from hetfed import adapter_state
 from hetfed.errors import HetfedError
 from hetfed.results import read_metrics
 from hetfed.training import train_steps
@@ -38,11 +38,11 @@ def plain_training_seconds(
     settings = workload.settings
     seconds: dict[int, list[float]] = {}
     for server_round, msg, context in workload.calls:
-        received = adapter_state.trainable(wire.from_record(msg.content[wire.ARRAYS]))
-        instruction = wire.TrainInstruction.from_record(msg.content[wire.CONFIG])
-        model = workload.host.set_state(received_spec(instruction, settings), received)
+        job = TrainJob.from_message(msg, context)
+        received = adapter_state.trainable(job.received)
+        model = workload.host.set_state(received_spec(job.instruction, settings), received)
         data = partition_of(settings, context)
-        result = train_steps(model, data, settings.train, seed=local_seed(instruction, context))
+        result = train_steps(model, data, settings.train, seed=job.seed)
         seconds.setdefault(server_round, []).append(result.seconds)
     return seconds
 
