@@ -17,8 +17,9 @@ from client_apps.packed_trainer import PackedTrainer
 from hetfed import wire
 from hetfed.adapters import AdapterHost
 from hetfed.checkpoint import load_checkpoint
+from hetfed.cost_model import UpdateShape, clients_per_pack, step_cost
 from hetfed.data import load_splits
-from hetfed.models import build_model
+from hetfed.models import ModelConfig, build_model, cost_shape
 from hetfed.registry import load_strategy, strategy_names
 from hetfed.run_plan import plan_run
 from hetfed.server_model import ServerModel
@@ -193,9 +194,11 @@ def test_a_packed_simulation_ends_where_the_unpacked_one_does(run_scenario, tiny
 
 def test_a_generation_round_trains_the_same_packed(tmp_path, tiny_config):
     """The generation task (a causal LM, left-padded prompts, targets scored on the last
-    positions), ranks 2/4/8/16 with layer budgets: replies and the global equal to 1e-5."""
+    positions), ranks 2/4/8/16 with layer budgets, packs sized by ``auto``: replies and the
+    global equal to 1e-5."""
     config = generation_config(write_pairs(tmp_path / "pairs"), tiny_config)
-    packed, alone = _packed_vs_alone(tmp_path, config, "rgd-hla", **{"rgd-hla.ranks": "hetlora"})
+    options = {"rgd-hla.ranks": "hetlora", "simulation.packing": "auto"}  # memory holds six
+    packed, alone = _packed_vs_alone(tmp_path, config, "rgd-hla", **options)
     _assert_equal_rounds(packed, alone)
 
 
@@ -264,3 +267,15 @@ def test_a_killed_trainer_does_not_hang_the_round(tmp_path, tiny_config, caplog)
         assert {k: v.shape for k, v in trained.items()} == {k: sent[k].shape for k in trained}
         assert all(np.isfinite(v).all() for v in trained.values())
         assert any(not np.array_equal(trained[k], sent[k]) for k in trained)
+
+
+def test_auto_packs_as_many_clients_as_free_memory_holds():
+    """clients_per_pack: free memory over one client's step state (activations, adapter and
+    head, the cost model's), at least 1, at most the clients waiting."""
+    shape = cost_shape(ModelConfig(name="tiny-random-bert", max_length=32), 5)
+    update = UpdateShape(4, ("query", "value"), (0, 1), steps=8, batch=16, tokens=32)
+    step = step_cost(shape, update)
+    per_client = step.activations + step.adapter + step.head
+    assert clients_per_pack(shape, update, 3.5 * per_client, most=64) == 3
+    assert clients_per_pack(shape, update, 3.5 * per_client, most=2) == 2
+    assert clients_per_pack(shape, update, 0.5 * per_client, most=64) == 1
