@@ -20,6 +20,8 @@ round timeout: a failure becomes the client's error reply, never a hung round.
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import queue
 import threading
 import time
@@ -40,6 +42,7 @@ from client_apps.local_training import (
 )
 from hetfed.config import PACKING_AUTO
 from hetfed.cost_model import UpdateShape, clients_per_pack
+from hetfed.errors import ConfigError
 from hetfed.models import CAUSAL_TASKS, cost_shape
 from hetfed.packed_training import PackedClient, train_packed
 from hetfed.profiles import available_memory_gb
@@ -90,11 +93,14 @@ class PackedTrainer:
                         future.set_exception(err)
 
     def _gather(self) -> None:
-        """Wait for a job, then take every job that arrives within the gathering time."""
+        """Wait for a job, then take every job that arrives within the gathering time (or
+        until a pack of the configured k is waiting)."""
         if not self._waiting:
             self._waiting.append(self._arrivals.get())
+        packing = self._waiting[0][0].settings.simulation.packing
+        enough = math.inf if packing == PACKING_AUTO else int(packing)
         deadline = time.monotonic() + self.gather_seconds
-        while (left := deadline - time.monotonic()) > 0:
+        while len(self._waiting) < enough and (left := deadline - time.monotonic()) > 0:
             try:
                 self._waiting.append(self._arrivals.get(timeout=left))
             except queue.Empty:
@@ -205,6 +211,11 @@ class _TrainerActor:
     """The Ray actor around a :class:`PackedTrainer` (one per device; calls run in threads)."""
 
     def __init__(self) -> None:
+        import torch
+
+        # Ray gives an actor without CPUs one OpenMP thread; the waiting ClientApps hold the
+        # CPUs but do not compute, so the trainer takes every core this process may use
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.trainer = PackedTrainer()
 
     def train(self, job: TrainJob) -> JobResult:
@@ -249,6 +260,13 @@ def train_in_pack(msg: Message, context: Context) -> Message:
             INFO, "[hetfed] simulation.packing applies to simulated clients; this node trains alone"
         )
         return reply_message(msg, job, run_alone(job), started)
+    if ray.get_gpu_ids():  # this ClientApp's actor holds a GPU the trainer would wait for
+        raise ConfigError(
+            "client-resources-num-gpus",
+            len(ray.get_gpu_ids()),
+            "0 with simulation.packing: the packed trainer holds the GPU, the ClientApps wait",
+            "federation config",
+        )
     timeout = job.settings.round_timeout
     for attempt in range(1 + _RETRIES):
         try:

@@ -8,6 +8,7 @@ import json
 import os
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from tooling.bench import (
     common,
     device_messages,
     overhead,
+    packing,
     precision,
 )
 from tooling.loopback import Processes
@@ -259,9 +261,54 @@ def test_device_messages_names_each_timed_process_by_the_message_its_node_receiv
         device_messages._messages(log, procs, {5: "node-0"}, replied)
 
 
+def test_bench_command_quick_item_7_compares_packs_with_one_client_per_actor(tmp_path, capsys):
+    """Item 7 on the tiny BERT: the reference and packs of 2 and 4 train the same 4 jobs of
+    mixed ranks (the same losses), and the table has a row for each with the ratios."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--items", "7", "--out", str(out), "--scenario", str(QUICKSTART)]
+    assert cli.main(argv) == 0
+    item = json.loads(out.read_text())["packing"]
+    assert item["run_config"]["train.base-dropout"] is False
+    assert item["settings"]["ranks"] == [2, 4, 8]  # interleaved: every pack mixes ranks
+    variants = {v["variant"]: v for v in item["variants"]}
+    assert list(variants) == [packing.REFERENCE, "packed k=2", "packed k=4"]
+    reference = variants[packing.REFERENCE]
+    assert reference["pack_sizes"] == [1, 1, 1, 1]
+    assert variants["packed k=2"]["pack_sizes"] == [2, 2]
+    assert variants["packed k=4"]["pack_sizes"] == [4]
+    for v in variants.values():
+        assert v["updates"] == 4 and v["updates_per_second"] > 0
+        assert v["memory_bytes"] > 0 and v["memory"] == "peak RSS" and v["base_copies"] == 1
+    for k in (2, 4):
+        v = variants[f"packed k={k}"]
+        assert v["base_copies_same_concurrency"] == k
+        assert v["updates_per_second_ratio"] == pytest.approx(
+            v["updates_per_second"] / reference["updates_per_second"]
+        )
+        assert v["memory_ratio_same_concurrency"] == pytest.approx(
+            v["memory_bytes"] / (k * reference["memory_bytes"])
+        )
+        assert v["max_train_loss_difference"] < 1e-5
+    printed = capsys.readouterr().out
+    assert "## 7. Packed training against one client per actor" in printed
+    assert "| updates/s / reference | memory / reference | memory / as many actors |" in printed
+    assert f"| {packing.REFERENCE} | 1 | 4 |" in printed
+    ratio = variants["packed k=4"]["updates_per_second_ratio"]
+    assert "| packed k=2 | 2 | 4 |" in printed and f"| {ratio:.2f} |" in printed
+
+
+def test_interleave_ranks_mixes_every_pack():
+    jobs = [
+        SimpleNamespace(instruction=SimpleNamespace(rank=r), n=i)
+        for i, r in enumerate([2, 2, 2, 4, 4, 8])
+    ]
+    mixed = packing.interleave_ranks(jobs)
+    assert [j.n for j in mixed] == [0, 3, 5, 1, 4, 2]
+
+
 def test_bench_items_are_checked():
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--items", "1,7"])
+        cli.main(["bench", "--items", "1,8"])
 
 
 def test_round_records_train_seconds_over_configure_to_aggregate():

@@ -11,10 +11,10 @@
   client of the scenario's model: FLOPs, peak memory, bytes (:mod:`tooling.costs`).
 - ``hetfed sweep SWEEP.yaml [--out DIR]``: run a scenario over strategies, options and seeds
   (:mod:`tooling.sweep`), skipping finished runs, and write the comparison tables and plots.
-- ``hetfed bench [--quick] [--items 1,2,3,4,5,6] [--out FILE]``: measure the cost model (client
-  updates/s, framework overhead, server aggregation, server memory per client, bf16 against
-  fp32 training steps, per-message device cost; :mod:`tooling.bench`), print tables and write
-  JSON.
+- ``hetfed bench [--quick] [--items 1,2,3,4,5,6,7] [--out FILE]``: measure the cost model
+  (client updates/s, framework overhead, server aggregation, server memory per client, bf16
+  against fp32 training steps, per-message device cost, packed training;
+  :mod:`tooling.bench`), print tables and write JSON.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
         default=BENCH_ITEMS,
         help="comma-separated items: 1 client updates/s, 2 framework overhead, "
         "3 server aggregation, 4 server memory per client, 5 bf16 against fp32 training "
-        "steps, 6 per-message device cost (default: all)",
+        "steps, 6 per-message device cost, 7 packed training against one client per actor "
+        "(default: all)",
     )
     bench.add_argument(
         "--out", default="results/bench/bench.json", help="JSON file (default: %(default)s)"
@@ -86,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scenario",
         default="scenarios/quickstart",
-        help="scenario of items 1, 2, 4, 5 and 6 (default: %(default)s)",
+        help="scenario of items 1, 2, 4, 5, 6 and 7 (default: %(default)s)",
     )
     bench.add_argument(
         "--dense-modules",

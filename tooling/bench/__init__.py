@@ -1,6 +1,6 @@
 """``hetfed bench``: the cost model of a simulated federation, measured side by side in one run.
 
-Six measurements, one module each (``hetfed bench --items 1,3`` picks some):
+Seven measurements, one module each (``hetfed bench --items 1,3`` picks some):
 
 1. :mod:`.client_throughput` - client updates per second and peak memory of hetfed's ClientApp
    (one cached base model per process, adapters swapped) against the naive pattern of Flower's
@@ -22,6 +22,10 @@ Six measurements, one module each (``hetfed bench --items 1,3`` picks some):
 6. :mod:`.device_messages` - what one message (budget query, train) costs a deployed device:
    the time of each ClientApp process a SuperNode on loopback starts, and, with ``--baseline``,
    the same for the apps of another hetfed checkout.
+7. :mod:`.packing` - client updates per second and peak memory of packed training
+   (``simulation.packing``: k clients in one batched pass over one base) against one client per
+   actor (each client trained alone, one after the other), on the same real train jobs, each
+   variant in its own process, with the base copies each needs for k clients at once.
 
 ``--quick`` runs each with tiny sizes (the tiny random BERT, two local steps, a few clients,
 small shapes): it checks that the machinery works and its figures mean nothing. The results are
@@ -31,4 +35,4 @@ after every item, so a long run keeps what it measured. ``docs/benchmarks.md`` r
 Run by :func:`tooling.bench.command.run_bench`.
 """
 
-ITEMS = (1, 2, 3, 4, 5, 6)
+ITEMS = (1, 2, 3, 4, 5, 6, 7)

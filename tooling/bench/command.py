@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import platform
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import flwr
-import numpy as np
-import torch
 from threadpoolctl import threadpool_limits
 
 from tooling import scenarios
@@ -31,9 +26,17 @@ from tooling.bench.aggregation import (
     server_aggregation,
 )
 from tooling.bench.client_throughput import client_throughput
-from tooling.bench.common import DEFAULT_OUT, QUICK_WORKLOAD, QUICKSTART, WORKLOAD, quiet_flower
+from tooling.bench.common import (
+    DEFAULT_OUT,
+    QUICK_WORKLOAD,
+    QUICKSTART,
+    WORKLOAD,
+    machine,
+    quiet_flower,
+)
 from tooling.bench.device_messages import device_messages
 from tooling.bench.overhead import framework_overhead
+from tooling.bench.packing import packing_throughput
 from tooling.bench.precision import (
     PRECISION_WORKLOADS,
     QUICK_PRECISION_WORKLOADS,
@@ -66,6 +69,8 @@ class Sizes:
     precision_repeats: int = 3
     device_nodes: int = 3  # item 6: SuperNodes, as in the deployment test
     device_rounds: int = 3
+    packing_updates: int = 8  # item 7: train jobs per variant
+    packing_ks: tuple[int, ...] = (4, 8)  # item 7: pack sizes
 
 
 FULL = Sizes()
@@ -84,29 +89,9 @@ QUICK = Sizes(
     precision_steps=2,
     precision_repeats=2,
     device_rounds=2,
+    packing_updates=4,
+    packing_ks=(2, 4),
 )
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "flwr": flwr.__version__,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(
-            (line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line),
-            None,
-        )
-        meminfo = Path("/proc/meminfo").read_text().split()
-        info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
-    return info
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -239,6 +224,8 @@ def report(results: dict[str, Any]) -> str:
             "rounds)\n\n"
             + _table(("apps", "message", "messages", "reply s", "process s", "CPU s"), rows)
         )
+    if "packing" in results:
+        parts.append(packing_report(results["packing"]))
     return "\n\n".join(parts)
 
 
@@ -316,6 +303,57 @@ def aggregation_report(item: dict[str, Any]) -> str:
         + f"\n\n% of reference: the reference's seconds on the same replies, timed in turn with "
         f"the strategy, over the strategy's (least of each); x arithmetic: seconds over GFLOP at "
         f"this machine's matrix-product GFLOP/s ({rates})"
+    )
+
+
+def packing_report(item: dict[str, Any]) -> str:
+    """Item 7's table: the reference (one client per actor), then each pack size, with its
+    updates/s and memory over the reference's and over the k actors that train k clients at
+    once without packing."""
+    s = item["settings"]
+    first = item["variants"][0]
+    rows = [
+        (
+            v["variant"],
+            v["pack"],
+            v["updates"],
+            v["seconds"],
+            v["updates_per_second"],
+            f"{_mib(v['memory_bytes']):.0f}",
+            v["base_copies"],
+            f"{v['base_copies_same_concurrency']} / "
+            f"{_mib(v.get('same_concurrency_memory_bytes', v['memory_bytes'])):.0f}",
+            f"{v['updates_per_second_ratio']:.2f}",
+            f"{v['memory_ratio']:.2f}",
+            f"{v['memory_ratio_same_concurrency']:.2f}",
+        )
+        for v in item["variants"]
+    ]
+    headers = (
+        "variant",
+        "clients at once",
+        "updates",
+        "s",
+        "updates/s",
+        "peak MiB",
+        "base copies",
+        "one per actor, as many at once: bases / MiB",
+        "updates/s / reference",
+        "memory / reference",
+        "memory / as many actors",
+    )
+    losses = ", ".join(
+        f"k={v['pack']} {v['max_train_loss_difference']:.2g}" for v in item["variants"][1:]
+    )
+    return (
+        f"## 7. Packed training against one client per actor ({s['model']}, {s['task']}; "
+        f"{s['clients']} clients of ranks {s['ranks']}; {s['local_steps']} local steps of batch "
+        f"{s['batch_size']}; {first.get('device_name', first['device'])}, {first['threads']} "
+        "torch threads)\n\n"
+        + _table(headers, rows)
+        + f"\n\npeak MiB: {first['memory']} of the variant's own process. Without packing, k "
+        "clients at once take k actors, each with a copy of the base (k x the reference's "
+        f"peak). Max train-loss difference packed - alone: {losses}"
     )
 
 
@@ -403,6 +441,12 @@ def run_bench(
                     sizes.device_rounds,
                     baseline,
                 ),
+            )
+        ],
+        7: [
+            (
+                "packing",
+                lambda: packing_throughput(scenario, sizes.packing_updates, sizes.packing_ks, cpus),
             )
         ],
     }

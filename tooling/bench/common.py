@@ -6,6 +6,8 @@ import contextlib
 import functools
 import logging
 import multiprocessing
+import os
+import platform
 import resource
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import flwr
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
@@ -178,3 +182,25 @@ def tokenized_partition(settings: RunSettings, partition: int, num_partitions: i
 def partition_of(settings: RunSettings, context: Context) -> Encoded:
     config = context.node_config
     return tokenized_partition(settings, int(config[PARTITION_ID]), int(config[NUM_PARTITIONS]))
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "flwr": flwr.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(
+            (line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line),
+            None,
+        )
+        meminfo = Path("/proc/meminfo").read_text().split()
+        info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
+    return info
