@@ -87,6 +87,7 @@ class FaultSettings:
         return [k.strip() for k in self.kinds.split(",") if k.strip()]
 
 
+DATA_SEED = "data.seed"
 PACKING_OFF, PACKING_AUTO = "off", "auto"
 
 
@@ -103,8 +104,9 @@ class SimulationSettings:
     packing: str | int = PACKING_OFF
 
     def __post_init__(self) -> None:
-        if isinstance(self.packing, int) and self.packing >= 1:
-            return
+        if isinstance(self.packing, int) and not isinstance(self.packing, bool):
+            if self.packing >= 1:
+                return
         if self.packing not in (PACKING_OFF, PACKING_AUTO):
             raise ConfigError("simulation.packing", self.packing, "off, auto or an integer k >= 1")
 
@@ -279,6 +281,10 @@ def parse_run_config(
     """
     used: set[str] = set()
     settings = build_section(RunSettings, "", run_config, used)
+    if DATA_SEED not in run_config:  # a seed varies the data too, unless the run pins data.seed
+        settings = dataclasses.replace(
+            settings, data=dataclasses.replace(settings.data, seed=settings.seed)
+        )
     options = None
     if strategy_options is not None:
         options = build_section(strategy_options, options_prefix, run_config, used)

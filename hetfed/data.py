@@ -20,7 +20,8 @@ source has no test split one is cut from it (``test_fraction``, seeded, stratifi
 Identical texts (inputs) always land in the same split, so train, test and the optional server
 split never share a text. Client partitions come from flwr-datasets partitioners applied to the
 train split. Results are cached per config in the process; everything is deterministic for a
-given seed.
+given seed (``data.seed``: the run's seed unless a run pins it, so a sweep's seeds vary the
+partition and the test subset), each draw from its own stream of :mod:`hetfed.seeds`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
+from hetfed import seeds
 from hetfed.errors import ConfigError
+from hetfed.seeds import Stream
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +92,6 @@ LABEL_COLUMNS = (
 )
 HUB_TEST_SPLITS = ("test", "validation", "valid", "dev")
 
-# Purposes for the seeded random streams: np.random.default_rng([seed, purpose]).
-_RNG_TEST_SPLIT, _RNG_SERVER, _RNG_TEST_SUBSET, _RNG_SHUFFLE = 1, 2, 3, 4
-
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?$")
 _INT = re.compile(r"^[+-]?\d+$")
 
@@ -111,8 +111,11 @@ class DataConfig:
     classes_per_partition: int = 2
     test_fraction: float = 0.2  # used only when the source has no test split
     server_examples: int = 0  # held-out server split taken from train
+    # a central validation split taken from train (targets, best values and step sizes are read
+    # on it; the test split then only for the final model): 0 = none
+    validation_examples: int = 0
     max_test_examples: int = 0  # 0 = all
-    seed: int = 42
+    seed: int = 42  # a run's data.seed is the run's seed unless the run config pins it
     # not a run-config key (the leading underscore): set by on_device for a device's own folder
     # in a bbc-news-headlines run, whose source is then a path rather than that name
     _titles_as_targets: bool = False
@@ -152,6 +155,8 @@ class DataConfig:
             raise bad("test_fraction", "a number strictly between 0 and 1")
         if not _is_int(self.server_examples) or self.server_examples < 0:
             raise bad("server_examples", "an integer >= 0 (0 = no server split)")
+        if not _is_int(self.validation_examples) or self.validation_examples < 0:
+            raise bad("validation_examples", "an integer >= 0 (0 = no validation split)")
         if not _is_int(self.max_test_examples) or self.max_test_examples < 0:
             raise bad("max_test_examples", "an integer >= 0 (0 = the whole test split)")
         if not _is_int(self.seed) or self.seed < 0:
@@ -197,6 +202,7 @@ class DataSplits:
     test: datasets.Dataset
     server: datasets.Dataset | None
     label_names: list[str]
+    validation: datasets.Dataset | None = None
 
     @property
     def num_labels(self) -> int:
@@ -727,8 +733,30 @@ def _dataset(rows: _Rows, names: list[str]) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
-def _rng(cfg: DataConfig, purpose: int) -> np.random.Generator:
-    return np.random.default_rng([cfg.seed, purpose])
+def _held_out(
+    train: _Rows, test: _Rows, cfg: DataConfig, field: str, stream: Stream
+) -> tuple[_Rows | None, _Rows]:
+    """As many training examples as ``cfg``'s ``field`` says, held out (stratified by label,
+    whole groups of equal texts, none whose text is in the test split, drawn from ``stream``),
+    and the training examples left; (None, train) for 0."""
+    count, key = getattr(cfg, field), f"data.{field.replace('_', '-')}"
+    if not count:
+        return None, train
+    if count >= len(train):
+        raise ConfigError(
+            key, count, f"an integer >= 0 and below the {len(train)} training examples"
+        )
+    in_test_text = set(test.texts)
+    eligible = np.asarray([t not in in_test_text for t in train.texts], dtype=bool)
+    held = _stratified_take(
+        np.asarray(train.labels),
+        _group_ids(train.texts),
+        count,
+        seeds.rng(cfg.seed, stream),
+        keep_one=True,
+        eligible=eligible,
+    )
+    return train.split(held)
 
 
 @functools.lru_cache(maxsize=16)
@@ -764,44 +792,27 @@ def load_splits(cfg: DataConfig) -> DataSplits:
             np.asarray(train.labels),
             _group_ids(train.texts),
             n_test,
-            _rng(cfg, _RNG_TEST_SPLIT),
+            seeds.rng(cfg.seed, Stream.TEST_SPLIT),
             keep_one=True,
         )
         test, train = train.split(in_test)
 
-    server = None
-    if cfg.server_examples:
-        if cfg.server_examples >= len(train):
-            raise ConfigError(
-                "data.server-examples",
-                cfg.server_examples,
-                f"an integer >= 0 and below the {len(train)} training examples",
-            )
-        in_test_text = set(test.texts)
-        eligible = np.asarray([t not in in_test_text for t in train.texts], dtype=bool)
-        in_server = _stratified_take(
-            np.asarray(train.labels),
-            _group_ids(train.texts),
-            cfg.server_examples,
-            _rng(cfg, _RNG_SERVER),
-            keep_one=True,
-            eligible=eligible,
-        )
-        server, train = train.split(in_server)
+    server, train = _held_out(train, test, cfg, "server_examples", Stream.SERVER_SPLIT)
+    validation, train = _held_out(train, test, cfg, "validation_examples", Stream.VALIDATION_SPLIT)
 
     if 0 < cfg.max_test_examples < len(test):
         keep = _stratified_take(
             np.asarray(test.labels),
             np.arange(len(test)),
             cfg.max_test_examples,
-            _rng(cfg, _RNG_TEST_SUBSET),
+            seeds.rng(cfg.seed, Stream.TEST_SUBSET),
             keep_one=False,
         )
         test = test.take(np.flatnonzero(keep))
 
     def build(rows: _Rows, stream: int) -> datasets.Dataset:
         # Shuffled (IidPartitioner shards contiguously), each split by its own stream.
-        order = np.random.default_rng([cfg.seed, _RNG_SHUFFLE, stream]).permutation(len(rows))
+        order = seeds.rng(cfg.seed, Stream.SHUFFLE, stream).permutation(len(rows))
         return _dataset(rows.take(order), names)
 
     splits = DataSplits(
@@ -809,14 +820,16 @@ def load_splits(cfg: DataConfig) -> DataSplits:
         test=build(test, 1),
         server=build(server, 2) if server is not None else None,
         label_names=names,
+        validation=build(validation, 3) if validation is not None else None,
     )
     log.info(
-        "data %s: %d labels, train %d, test %d, server %d",
+        "data %s: %d labels, train %d, test %d, server %d, validation %d",
         cfg.source,
         len(names),
         len(splits.train),
         len(splits.test),
         len(splits.server) if splits.server is not None else 0,
+        len(splits.validation) if splits.validation is not None else 0,
     )
     return splits
 
@@ -839,7 +852,7 @@ def _dirichlet(cfg: DataConfig, train: datasets.Dataset, num_partitions: int) ->
             min_partition_size=min_size,
             self_balancing=True,
             shuffle=True,
-            seed=cfg.seed,
+            seed=seeds.integer_seed(cfg.seed, Stream.PARTITION),
         )
         partitioner.dataset = train
         try:
@@ -894,7 +907,7 @@ def _partitioner(cfg: DataConfig, num_partitions: int) -> Partitioner:
         num_classes_per_partition=cfg.classes_per_partition,
         class_assignment_mode="first-deterministic",
         shuffle=True,
-        seed=cfg.seed,
+        seed=seeds.integer_seed(cfg.seed, Stream.PARTITION),
     )
     partitioner.dataset = train
     try:

@@ -3,7 +3,7 @@
 On the test split (at most ``data.max-test-examples`` examples), the global model is scored
 twice (Lin, "ROUGE: A Package for Automatic Evaluation of Summaries", 2004):
 
-- teacher forced, in one pass (:func:`hetfed.training.evaluate`): the loss per reference target
+- teacher forced, in one pass (:func:`hetfed.training.score`): the loss per reference target
   token (end token included), its perplexity exp(loss), and the exact match of greedy decoding;
 - by greedy decoding from each prompt, at most ``model.max-new-tokens`` tokens, stopping at the
   end token: ROUGE-L F1 of each generation against its reference (the ``rouge-score`` package,
@@ -20,7 +20,7 @@ from rouge_score import rouge_scorer
 from torch import nn
 
 from hetfed.instructions import IGNORE, end_token_id
-from hetfed.training import Encoded, autocast, evaluate, model_device
+from hetfed.training import Encoded, Scores, autocast, model_device, score
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,29 @@ class Evaluation:
     rouge_l: float | None = None
     perplexity: float | None = None
     generations: tuple[str, ...] = ()
+    scores: Scores | None = None  # per example (saved for the final model's test split)
+    rouge_l_scores: tuple[float, ...] = ()  # per example, the generation task
+
+    @classmethod
+    def of(cls, scores: Scores) -> Evaluation:
+        """The evaluation of the classification and instruction tasks."""
+        return cls(scores.accuracy, scores.loss, scores=scores)
+
+    def examples(self) -> list[dict[str, float | int | bool]]:
+        """One row per evaluated example: right or not, its loss per target and how many
+        targets, its ROUGE-L F1 (generation): what a paired bootstrap resamples."""
+        if self.scores is None:
+            return []
+        scores = self.scores
+        rows = []
+        for i, (right, total, count) in enumerate(
+            zip(scores.correct, scores.loss_sums, scores.targets, strict=True)
+        ):
+            row = {"index": i, "correct": right, "loss": total / max(count, 1), "targets": count}
+            if self.rouge_l_scores:
+                row["rouge_l"] = self.rouge_l_scores[i]
+            rows.append(row)
+        return rows
 
 
 def prompts_of(data: Encoded) -> list[list[int]]:
@@ -80,14 +103,22 @@ def greedy_generations(
     return [text.strip() for text in texts]
 
 
-def rouge_l(predictions: list[str], references: list[str]) -> float:
-    """Mean ROUGE-L F1 of ``predictions`` against ``references`` (rouge-score, stemmed)."""
+def rouge_l_scores(predictions: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference (rouge-score, stemmed)."""
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [
+    return [
         scorer.score(reference, prediction)["rougeL"].fmeasure
         for prediction, reference in zip(predictions, references, strict=True)
     ]
-    return sum(scores) / len(scores) if scores else 0.0
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 of ``predictions`` against ``references`` (:func:`rouge_l_scores`)."""
+    return _mean(rouge_l_scores(predictions, references))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 def evaluate_generation(
@@ -100,11 +131,18 @@ def evaluate_generation(
     precision: str = "fp32",
 ) -> Evaluation:
     """The generation task's evaluation (see the module), computed in ``precision``."""
-    exact_match, loss = evaluate(model, data, batch_size, precision)
+    scores = score(model, data, batch_size, precision)
     prompts = prompts_of(data)
     generations = greedy_generations(
         model, tokenizer, prompts, max_new_tokens, batch_size, precision
     )
+    per_example = rouge_l_scores(generations, references)
     return Evaluation(
-        exact_match, loss, rouge_l(generations, references), math.exp(loss), tuple(generations)
+        scores.accuracy,
+        scores.loss,
+        _mean(per_example),
+        math.exp(scores.loss),
+        tuple(generations),
+        scores,
+        tuple(per_example),
     )

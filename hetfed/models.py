@@ -45,6 +45,7 @@ from transformers import (
     LlamaConfig,
 )
 
+from hetfed import seeds
 from hetfed.cost_model import ModelShape, model_shape
 from hetfed.errors import ConfigError
 from hetfed.model_cache import ModelSource, pretrained_model, pretrained_tokenizer
@@ -310,7 +311,7 @@ def _frozen_model(
         # tokenizer along with the weights on every call
         tokenizer = pretrained_tokenizer(source)
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
+            torch.manual_seed(seeds.model_seed(seed))
             model = make(source)
     except OSError as err:
         raise ConfigError(

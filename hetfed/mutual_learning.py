@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetfed import seeds
 from hetfed.adapter_state import State
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.training import Encoded, seeded_torch, task_forward
@@ -149,7 +150,7 @@ def mutual_learning(
     keys = list(groups)
     specs = {k: spec for k, (spec, _) in groups.items()}
     labelled = bool((data.labels >= 0).all())
-    with host.lock, seeded_torch(seed):
+    with host.lock, seeded_torch(seeds.dropout_seed(seed)):
         for spec, state in groups.values():
             host.set_state(spec, state)
         host.set_base_deltas({})
@@ -162,7 +163,7 @@ def mutual_learning(
         for k in keys:
             params = [p for p in host.activate(specs[k]).parameters() if p.requires_grad]
             optimizers[k] = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seeds.batch_order_seed(seed))
         total, steps = 0.0, 0
         for _ in range(epochs):
             order = torch.randperm(len(data), generator=generator)

@@ -12,8 +12,9 @@ client's optimizer steps its own parameters. A client whose local steps are done
 stack. Mixed ranks need no padding: peft computes each adapter on its own rows.
 
 Randomness is per client, as in :func:`~hetfed.training.train_steps`: the batch order from the
-client's seed, and LoRA dropout (``lora.dropout`` > 0) from a generator of its own seeded the
-same way, drawn over the client's own columns only (:class:`ClientDropout`). On the CPU a packed
+client's seed, and LoRA dropout (``lora.dropout`` > 0) from a generator of its own on the
+dropout stream of that seed (:func:`hetfed.seeds.dropout_seed`), drawn over the client's own
+columns only (:class:`ClientDropout`). On the CPU a packed
 client therefore trains exactly as it would alone, up to float rounding (the base computes on a
 wider batch). The frozen base runs without its dropout (``train.base-dropout = false``): a
 shared forward pass cannot give each client its own base dropout draws.
@@ -32,6 +33,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from hetfed import seeds
 from hetfed.adapters import LoraSpec
 from hetfed.training import (
     Batch,
@@ -103,7 +105,7 @@ def _client_dropout(model: nn.Module, client: PackedClient, device: torch.device
     """Give every LoRA layer of the client's adapter the client's own dropout (None at p = 0)."""
     if client.spec.dropout == 0:
         return None
-    generator = torch.Generator(device=device).manual_seed(client.seed)
+    generator = torch.Generator(device=device).manual_seed(seeds.dropout_seed(client.seed))
     dropout = ClientDropout(client.spec.dropout, generator)
     for module in model.modules():
         if isinstance(module, LoraLayer) and client.spec.name in module.lora_dropout:

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+TEST_EXAMPLES = "test_examples.jsonl"
+
 
 @dataclass
 class RoundStats:
@@ -31,12 +33,20 @@ class RoundStats:
     train_seconds: float = 0.0
     simulated_seconds: float = 0.0  # on the simulated device clock (hetfed.device_clock)
     stragglers: int = 0  # clients left out: they would have missed the round deadline
+    pruned: int = 0  # valid replies at a smaller rank than sent (HetLoRA's self-pruning)
+    reply_ranks: list[int] = field(default_factory=list)  # the valid replies' ranks, sorted
 
     def record(
-        self, server_round: int, evaluation: Any, seconds: float, simulated_before: float
+        self,
+        server_round: int,
+        evaluation: Any,
+        split: str,
+        seconds: float,
+        simulated_before: float,
     ) -> RoundRecord:
         """The ``metrics.jsonl`` line of this round, with its central ``evaluation``
-        (:class:`hetfed.generation.Evaluation`) and the simulated seconds of the rounds before."""
+        (:class:`hetfed.generation.Evaluation`) on ``split`` and the simulated seconds of the
+        rounds before."""
         counters = {k: v for k, v in asdict(self).items() if k != "ranks"}
         return RoundRecord(
             round=server_round,
@@ -44,6 +54,7 @@ class RoundStats:
             loss=evaluation.loss,
             rouge_l=evaluation.rouge_l,
             perplexity=evaluation.perplexity,
+            split=split,
             seconds=seconds,
             simulated_total=simulated_before + self.simulated_seconds,
             **counters,
@@ -52,7 +63,10 @@ class RoundStats:
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """One line of ``metrics.jsonl``; round 0 is the initial global model."""
+    """One line of ``metrics.jsonl``; round 0 is the initial global model. Its accuracy, loss,
+    ROUGE-L and perplexity are on ``split``: validation when the run has a validation split
+    (``data.validation-examples``; the test split is then read for the final model only, in
+    ``summary.json``), else test."""
 
     round: int
     accuracy: float
@@ -75,6 +89,9 @@ class RoundRecord:
     stragglers: int = 0  # clients left out for the round deadline
     rouge_l: float | None = None  # generation: ROUGE-L F1 of greedy generations
     perplexity: float | None = None  # generation: exp(loss per reference target token)
+    pruned: int = 0  # valid replies at a smaller rank than sent (HetLoRA's self-pruning)
+    reply_ranks: list[int] | None = None  # the valid replies' ranks, sorted
+    split: str = "test"  # the split the round's accuracy and loss are on
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -110,6 +127,11 @@ class ResultsWriter:
         ]
         _atomic_write(self.folder / "generations.jsonl", "\n".join(lines) + "\n")
 
+    def write_test_examples(self, rows: Sequence[dict[str, Any]]) -> None:
+        """``test_examples.jsonl``: the final model on each test example (right or not, its
+        loss; ROUGE-L for generation), for paired comparisons over test examples."""
+        _atomic_write(self.folder / TEST_EXAMPLES, "".join(json.dumps(r) + "\n" for r in rows))
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.folder / "summary.json", json.dumps(summary, indent=2) + "\n")
 
@@ -121,12 +143,13 @@ class ResultsWriter:
 
         rounds = [r.round for r in self.records]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(rounds, [r.accuracy for r in self.records], marker="o", label="accuracy")
+        split = self.records[-1].split if self.records else "test"
+        ax.plot(rounds, [r.accuracy for r in self.records], marker="o", label=f"{split} accuracy")
         if any(r.rouge_l is not None for r in self.records):  # the generation task
             ax.plot(rounds, [r.rouge_l for r in self.records], marker="s", label="ROUGE-L F1")
             ax.legend()
         ax.set_xlabel("round")
-        ax.set_ylabel("central test score")
+        ax.set_ylabel(f"central {split} score")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         path = self.folder / "accuracy.png"

@@ -16,7 +16,9 @@ from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import RunSettings
 from hetfed.generation import Evaluation, evaluate_generation
 from hetfed.models import GENERATION
-from hetfed.training import Encoded, evaluate
+from hetfed.training import Encoded, score
+
+TEST, VALIDATION = "test", "validation"
 
 
 @dataclass
@@ -27,6 +29,14 @@ class ServerModel:
     public: Encoded | None  # the server split (``data.server-examples``), if any
     tokenizer: Any = None  # the generation task decodes with it
     references: list[str] | None = None  # the generation task's test targets
+    validation: Encoded | None = None  # the validation split (``data.validation-examples``)
+    validation_references: list[str] | None = None  # the generation task's validation targets
+
+    @property
+    def evaluated_split(self) -> str:
+        """The split every round is evaluated on: validation when there is one (targets and
+        best values are read on it; the test split then only for the final model), else test."""
+        return TEST if self.validation is None else VALIDATION
 
     def load(
         self,
@@ -45,15 +55,23 @@ class ServerModel:
         spec: LoraSpec,
         state: dict[str, np.ndarray],
         base_deltas: dict[str, np.ndarray] | None = None,
+        split: str = TEST,
     ) -> Evaluation:
-        """The global model on the test split: accuracy and loss; for the generation task also
-        ROUGE-L, perplexity and the generations (:mod:`hetfed.generation`)."""
+        """The global model on ``split`` (test or validation): accuracy and loss; for the
+        generation task also ROUGE-L, perplexity and the generations (:mod:`hetfed.generation`)."""
+        data, references = (
+            (self.test, self.references)
+            if split == TEST
+            else (self.validation, self.validation_references)
+        )
+        if data is None:
+            raise ValueError(f"no {split} split to evaluate on")
         batch, precision = self.settings.train.eval_batch_size, self.settings.train.precision
         with self.host.lock:
             model = self.load(spec, state, base_deltas)
             if self.settings.model.task == GENERATION:
                 max_new = self.settings.model.max_new_tokens
                 return evaluate_generation(
-                    model, self.test, self.tokenizer, self.references, max_new, batch, precision
+                    model, data, self.tokenizer, references, max_new, batch, precision
                 )
-            return Evaluation(*evaluate(model, self.test, batch, precision))
+            return Evaluation.of(score(model, data, batch, precision))

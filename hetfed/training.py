@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hetfed import seeds
 from hetfed.errors import ConfigError
 from hetfed.instructions import IGNORE, encode_generation, encode_instructions
 from hetfed.models import GENERATION, INSTRUCTION, ModelConfig
@@ -272,11 +273,12 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 class BatchOrder:
-    """A client's batches: seeded shuffles of its ``size`` examples, one pass after another."""
+    """A client's batches: shuffles of its ``size`` examples, one pass after another, from the
+    batch-order stream of its ``seed``."""
 
     def __init__(self, size: int, batch_size: int, seed: int) -> None:
         self.size, self.batch_size = size, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seeds.batch_order_seed(seed))
         self.order, self.cursor = torch.randperm(size, generator=self.generator), 0
 
     def next(self) -> torch.Tensor:
@@ -317,7 +319,8 @@ def train_steps(
     device = model_device(model)
     batches = BatchOrder(len(data), cfg.batch_size, seed)
     total_loss, seen = 0.0, 0
-    with seeded_torch(seed):  # dropout draws depend on the seed, not on the process's history
+    # dropout draws depend on the seed, not on the process's history
+    with seeded_torch(seeds.dropout_seed(seed)):
         train_mode(model, cfg.base_dropout)
         for _ in range(cfg.local_steps):
             idx = batches.next()
@@ -336,12 +339,23 @@ def train_steps(
     )
 
 
+@dataclass(frozen=True)
+class Scores:
+    """An evaluation, overall and per example: whether each example was right, its summed
+    cross-entropy and the targets it was taken over (one for a class, the answer tokens for
+    the causal tasks). ``accuracy`` and ``loss`` are the overall figures (loss per target)."""
+
+    accuracy: float
+    loss: float
+    correct: tuple[bool, ...]
+    loss_sums: tuple[float, ...]
+    targets: tuple[int, ...]
+
+
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, data: Encoded, batch_size: int, precision: str = "fp32"
-) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``, the forward passes in
-    ``precision``.
+def score(model: nn.Module, data: Encoded, batch_size: int, precision: str = "fp32") -> Scores:
+    """Accuracy and mean cross-entropy of ``model`` on ``data``, and each example's, the
+    forward passes in ``precision``.
 
     Classification: the argmax class is the label; loss per example. Instruction: every answer
     token is the argmax next token (greedy decoding yields the answer); loss per answer token.
@@ -349,17 +363,36 @@ def evaluate(
     model.eval()
     device = model_device(model)
     correct, loss_sum, loss_count = 0, 0.0, 0
+    right: list[bool] = []
+    sums: list[float] = []
+    counts: list[int] = []
     for begin in range(0, len(data), batch_size):
         with autocast(precision, device):
             logits, labels = task_forward(model, data, slice(begin, begin + batch_size))
         loss_sum += float(task_loss(logits, labels, reduction="sum"))
+        per_target = task_loss(logits, labels, reduction="none")
         if labels.dim() == 1:
-            correct += int((logits.argmax(-1) == labels).sum())
+            hits = logits.argmax(-1) == labels
+            correct += int(hits.sum())
             loss_count += len(labels)
+            sums += per_target.tolist()
+            counts += [1] * len(labels)
         else:
             targets = labels[:, 1:]
             in_answer = targets != IGNORE
-            hits = (logits[:, :-1].argmax(-1) == targets) | ~in_answer
-            correct += int(hits.all(1).sum())
+            hits = ((logits[:, :-1].argmax(-1) == targets) | ~in_answer).all(1)
+            correct += int(hits.sum())
             loss_count += int(in_answer.sum())
-    return correct / max(len(data), 1), loss_sum / max(loss_count, 1)
+            sums += per_target.view(len(labels), -1).sum(1).tolist()
+            counts += in_answer.sum(1).tolist()
+        right += hits.tolist()
+    accuracy, loss = correct / max(len(data), 1), loss_sum / max(loss_count, 1)
+    return Scores(accuracy, loss, tuple(right), tuple(sums), tuple(counts))
+
+
+def evaluate(
+    model: nn.Module, data: Encoded, batch_size: int, precision: str = "fp32"
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``data`` (:func:`score`)."""
+    scores = score(model, data, batch_size, precision)
+    return scores.accuracy, scores.loss

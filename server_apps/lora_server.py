@@ -26,10 +26,11 @@ from hetfed.adapter_state import State
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.checkpoint import Checkpoint, save_checkpoint
 from hetfed.data import load_splits
+from hetfed.generation import Evaluation
 from hetfed.models import GENERATION, build_model, on_compute_device
 from hetfed.results import ResultsWriter, RoundRecord, RoundStats
 from hetfed.run_plan import RunPlan, plan_run
-from hetfed.server_model import ServerModel
+from hetfed.server_model import TEST, ServerModel
 from hetfed.training import Encoded, encode_split
 from strategies.base import LoRAStrategy
 
@@ -83,6 +84,7 @@ class ServerRun:
     started: float = field(default_factory=time.perf_counter)
     last_round_end: float = field(default_factory=time.perf_counter)
     generations: tuple[str, ...] = ()  # the generation task's texts of the last evaluation
+    final_test: Evaluation | None = None  # the final model on the test split
 
     @property
     def checkpoint(self) -> Checkpoint | None:
@@ -102,21 +104,27 @@ class ServerRun:
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Central evaluation of the global model; a line in metrics.jsonl and in the log."""
         strategy, settings = self.strategy, self.plan.settings
-        evaluation = self.server.evaluate(*strategy.model_view(wire.from_record(arrays)))
-        self.generations = evaluation.generations
+        view = strategy.model_view(wire.from_record(arrays))
+        split = self.server.evaluated_split
+        evaluation = self.server.evaluate(*view, split=split)
+        if server_round == settings.num_server_rounds:  # the final model: the test split
+            test = evaluation if split == TEST else self.server.evaluate(*view, split=TEST)
+            self.final_test = test
+            self.generations = test.generations
         now = time.perf_counter()
         stats = strategy.stats.get(server_round, RoundStats())
         before = self.writer.records[-1].simulated_total if self.writer.records else 0.0
-        record = stats.record(server_round, evaluation, now - self.last_round_end, before)
+        record = stats.record(server_round, evaluation, split, now - self.last_round_end, before)
         self.last_round_end = now
         self.writer.add_round(record)
         rouge = f"  ROUGE-L {record.rouge_l:.4f}" if record.rouge_l is not None else ""
         log(
             INFO,
-            "[hetfed] round %d/%d  accuracy %.4f  loss %.4f%s  replied %d/%d  "
+            "[hetfed] round %d/%d  %s accuracy %.4f  loss %.4f%s  replied %d/%d  "
             "down %.2f MB  up %.2f MB  %.1f s",
             server_round,
             settings.num_server_rounds,
+            split,
             record.accuracy,
             record.loss,
             rouge,
@@ -168,10 +176,21 @@ def build(grid: Grid, context: Context) -> ServerRun:
     def tokenized(dataset) -> Encoded:
         return encode_split(settings.model, dataset, splits.label_names, tokenizer)
 
+    def targets(dataset) -> list[str] | None:
+        return list(dataset["target"]) if settings.model.task == GENERATION else None
+
     public = tokenized(splits.server) if splits.server is not None else None
-    test = tokenized(splits.test)
-    references = list(splits.test["target"]) if settings.model.task == GENERATION else None
-    server = ServerModel(settings, AdapterHost(model), test, public, tokenizer, references)
+    validation = tokenized(splits.validation) if splits.validation is not None else None
+    server = ServerModel(
+        settings,
+        AdapterHost(model),
+        tokenized(splits.test),
+        public,
+        tokenizer,
+        targets(splits.test),
+        validation,
+        targets(splits.validation) if validation is not None else None,
+    )
     strategy.bind(server)
     return ServerRun(plan, strategy, server, writer, splits.label_names, dict(context.run_config))
 
@@ -196,35 +215,53 @@ def run(job: ServerRun, grid: Grid) -> State:
     return wire.from_record(result.arrays)
 
 
-def export(job: ServerRun, state: State) -> Path:
+def final_test(job: ServerRun, state: State) -> Evaluation:
+    """The final model on the test split: evaluated in the last round, or now (a run that
+    resumed after its last round)."""
+    if job.final_test is None:
+        job.final_test = job.server.evaluate(*job.strategy.model_view(state), split=TEST)
+        job.generations = job.final_test.generations
+    return job.final_test
+
+
+def export(job: ServerRun, state: State, test: Evaluation) -> Path:
     """The global model as a PEFT folder ``adapter/`` (:func:`export_global`)."""
     extra = {
         "model": asdict(job.plan.settings.model),
         "label_names": job.label_names,
-        "final_accuracy": job.writer.records[-1].accuracy,
+        "final_accuracy": test.accuracy,
     }
     return export_global(job.strategy, job.server.host, state, job.writer.folder / "adapter", extra)
 
 
-def summarize(job: ServerRun, adapter_dir: Path) -> None:
+def summarize(job: ServerRun, adapter_dir: Path, test: Evaluation) -> None:
     """``summary.json``, ``accuracy.png`` and, for the generation task, ``generations.jsonl``
-    (the final model's greedy generations of the evaluated test examples)."""
+    (the final model's greedy generations of the evaluated test examples).
+
+    ``final_*`` is the final model on the test split; ``best_*`` and ``initial_accuracy`` are
+    read on the split every round was evaluated on (``evaluated_on``: validation when the run
+    has one, so nothing is chosen on the test split)."""
     settings, strategy, records = job.plan.settings, job.strategy, job.writer.records
     final = records[-1]
+    best = max(records, key=lambda r: r.accuracy)
     if job.generations:
         job.writer.write_generations(job.generations, job.server.references)
+    job.writer.write_test_examples(test.examples())
     job.writer.plot(f"{strategy.name} on {settings.data.source} ({settings.model.name})")
     job.writer.write_summary(
         {
             "strategy": strategy.describe(),
-            "final_accuracy": final.accuracy,
-            "best_accuracy": max(r.accuracy for r in records),
+            "final_accuracy": test.accuracy,
+            "final_loss": test.loss,
+            "evaluated_on": job.server.evaluated_split,
+            "best_accuracy": best.accuracy,
+            "best_round": best.round,
             "initial_accuracy": records[0].accuracy,
-            "final_rouge_l": final.rouge_l,
+            "final_rouge_l": test.rouge_l,
             "best_rouge_l": max(
                 (r.rouge_l for r in records if r.rouge_l is not None), default=None
             ),
-            "final_perplexity": final.perplexity,
+            "final_perplexity": test.perplexity,
             "rounds": settings.num_server_rounds,
             "bytes_down": sum(r.bytes_down for r in records),
             "bytes_up": sum(r.bytes_up for r in records),
@@ -235,6 +272,7 @@ def summarize(job: ServerRun, adapter_dir: Path) -> None:
             "seconds": job.seconds(),
             "simulated_seconds": final.simulated_total,
             "stragglers": sum(r.stragglers for r in records),
+            "pruned_replies": sum(r.pruned for r in records),
             "global_rank": strategy.global_rank(),
             "tiers": {name: tier.rank for name, tier in job.plan.profiles.tiers.items()},
             "node_budgets": job.node_budgets(),
@@ -243,12 +281,15 @@ def summarize(job: ServerRun, adapter_dir: Path) -> None:
         }
     )
     log(
-        INFO, "[hetfed] done: final accuracy %.4f; results in %s", final.accuracy, job.writer.folder
-    )
+        INFO, "[hetfed] done: final test accuracy %.4f; results in %s", test.accuracy,
+        job.writer.folder,
+    )  # fmt: skip
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Build, run the rounds, export the global adapter, summarize."""
     job = build(grid, context)
-    summarize(job, export(job, run(job, grid)))
+    state = run(job, grid)
+    test = final_test(job, state)
+    summarize(job, export(job, state, test), test)

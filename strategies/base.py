@@ -291,6 +291,8 @@ class LoRAStrategy(Strategy):
         updates.sort(key=lambda u: u.client_id)  # replies arrive in any order; sums must not
         stats.replied += len(updates)
         stats.failed = stats.sampled - stats.replied
+        stats.pruned += sum(u.rank < stats.ranks[str(u.client_id)] for u in updates)
+        stats.reply_ranks = sorted(stats.reply_ranks + [u.rank for u in updates])
         if not enough_replies(server_round, len(updates), self.settings.min_train_replies):
             return None, None
         for update in updates:

@@ -76,6 +76,24 @@ def test_server_split_leaves_test_alone():
     assert len(plain.train) == len(with_server.train) + 50
 
 
+def test_validation_split_comes_from_train_and_never_overlaps_test_or_server():
+    """data.validation-examples: held out from the training data (stratified, seeded), after
+    the server split; the test split is exactly as without it."""
+    plain = load_splits(DataConfig(server_examples=50))
+    splits = load_splits(DataConfig(server_examples=50, validation_examples=100))
+    assert plain.validation is None and len(splits.validation) == 100
+    assert list(plain.test["text"]) == list(splits.test["text"])
+    assert list(plain.server["text"]) == list(splits.server["text"])
+    assert len(plain.train) == len(splits.train) + 100
+    validation = set(splits.validation["text"])
+    assert validation <= set(plain.train["text"])
+    for other in (splits.train, splits.test, splits.server):
+        assert not validation & set(other["text"])
+    assert set(splits.validation["label"]) == set(range(5))  # stratified: every class
+    again = load_splits(DataConfig(server_examples=50, validation_examples=100, seed=43))
+    assert set(again.validation["text"]) != validation  # another seed, another split
+
+
 def test_max_test_examples_takes_a_stratified_subset():
     splits = load_splits(DataConfig(max_test_examples=100))
     assert len(splits.test) == 100

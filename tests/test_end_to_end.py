@@ -85,10 +85,35 @@ def test_hetlora_end_to_end(run_scenario, tiny_config):
     assert all(r["replied"] == 4 and r["failed"] == 0 for r in rounds[1:])
     assert all(r["bytes_down"] > 0 and r["bytes_up"] > 0 for r in rounds[1:])
     summary = json.loads((results / "summary.json").read_text())
-    assert summary["final_accuracy"] == rounds[-1]["accuracy"]
+    assert summary["final_accuracy"] == rounds[-1]["accuracy"]  # no validation: test each round
+    assert summary["evaluated_on"] == "test" and {r["split"] for r in rounds} == {"test"}
+    examples = [json.loads(line) for line in (results / "test_examples.jsonl").open()]
+    assert sum(e["correct"] for e in examples) / len(examples) == summary["final_accuracy"]
+    losses = sum(e["loss"] * e["targets"] for e in examples) / sum(e["targets"] for e in examples)
+    assert losses == pytest.approx(summary["final_loss"], rel=1e-5)
     assert sorted(summary["node_budgets"].values()) == ["large", "medium", "small", "small"]
     assert (results / "accuracy.png").stat().st_size > 1000
     assert exported_accuracy(results, tiny_config) == pytest.approx(rounds[-1]["accuracy"])
+
+
+@SLOW
+def test_a_run_with_a_validation_split_reads_test_for_the_final_model_only(
+    run_scenario, tiny_config
+):
+    """data.validation-examples: every round is evaluated on the validation split (the best
+    value is read there), the final model on the test split (what the exported adapter
+    scores on test)."""
+    config = {**tiny_config, "data.validation-examples": 60}
+    proc, results = run_scenario(config)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rounds = read_metrics(results)
+    assert [r["split"] for r in rounds] == ["validation"] * 4
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2  # it learned, on validation
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["evaluated_on"] == "validation"
+    assert summary["best_accuracy"] == max(r["accuracy"] for r in rounds)
+    assert rounds[summary["best_round"]]["accuracy"] == summary["best_accuracy"]
+    assert summary["final_accuracy"] == pytest.approx(exported_accuracy(results, config))
 
 
 @pytest.mark.parametrize(

@@ -184,7 +184,11 @@ def test_generation_end_to_end(run_scenario, tiny_config, tmp_path):
     served = [json.loads(line) for line in (results / "generations.jsonl").read_text().splitlines()]
     splits = load_splits(
         DataConfig(
-            source=str(folder), input_column="body", target_column="title", max_test_examples=24
+            source=str(folder),
+            input_column="body",
+            target_column="title",
+            max_test_examples=24,
+            seed=config["seed"],  # a run's data.seed is its seed
         )
     )
     assert [s["reference"] for s in served] == list(splits.test["target"])

@@ -79,10 +79,13 @@ def test_hetlora_remembers_a_pruned_rank_and_rejects_other_ranks():
     reply, _ = trained(rng, rank_override=lambda node, r: 7 if r == 8 else r)
     train_round(strategy, state, reply)
     assert strategy.client_rank(1002) == 7
+    # metrics.jsonl counts the pruned reply and lists the replies' ranks (tiers 2, 4, 8)
+    assert strategy.stats[1].pruned == 1 and strategy.stats[1].reply_ranks == [2, 4, 7]
     # a rank the node could not have pruned to is rejected
     reply, _ = trained(rng, rank_override=lambda node, r: 3 if node == 1002 else r)
     train_round(strategy, state, reply, server_round=2)
     assert strategy.stats[2].replied == 2 and strategy.stats[2].failed == 1
+    assert strategy.stats[2].pruned == 0 and strategy.stats[2].reply_ranks == [2, 4]
 
 
 @pytest.mark.parametrize("fault", ["nan", "shape", "missing", "extra", "int-dtype"])

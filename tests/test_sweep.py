@@ -11,12 +11,15 @@ import tomllib
 import pytest
 
 from hetfed.errors import ConfigError
+from hetfed.results import TEST_EXAMPLES
 from tests.conftest import write_scenario
-from tooling.stats import mean_interval, paired_difference
+from tooling.stats import mean_interval, paired_bootstrap, paired_difference
 from tooling.sweep import (
     comparison_rows,
     load_sweep,
     run_sweep,
+    select_lr,
+    summary_rows,
     when_reached,
     write_comparison,
     write_variant,
@@ -51,6 +54,10 @@ def test_variant_sets_keys_the_scenario_does_not_name(tmp_path, tiny_config):
             "scenario: base\ntarget-accuracy: 0.5\ntarget-rouge-l: 0.3\nruns: {a: {}}",
             "target-rouge-l",
         ),
+        ("scenario: base\nruns: {a: {train.lr: [0.001, 0.01]}}", "select-lr"),
+        ("scenario: base\nselect-lr: {rounds: 2}\nruns: {a: {}}", "select-lr"),
+        ("scenario: base\nselect-lr: {rounds: 0}\nruns: {a: {train.lr: [0.1]}}", "select-lr"),
+        ("scenario: base\nselect-lr: {rounds: 2}\nruns: {a: {train.lr: [2]}}", "runs.a.train.lr"),
     ],
 )
 def test_bad_sweep_files_name_the_key(tmp_path, tiny_config, text, key):
@@ -121,6 +128,22 @@ def test_mean_interval_and_paired_difference_on_hand_made_numbers():
     assert mean_interval([]).n == 0
 
 
+def test_paired_bootstrap_on_hand_made_examples():
+    same = [([1, 0, 1, 1], [1, 0, 1, 1])] * 3
+    assert paired_bootstrap(same).mean == 0 and paired_bootstrap(same).high == 0
+    all_better = [([1.0] * 5, [0.0] * 5)] * 2
+    interval = paired_bootstrap(all_better)
+    assert (interval.n, interval.mean, interval.low, interval.high) == (2, 1.0, 1.0, 1.0)
+    # one seed, d = 1 on half of 400 examples: mean 0.5, resampled sd about sqrt(0.25 / 400)
+    half = [([1] * 200 + [0] * 200, [0] * 400)]
+    interval = paired_bootstrap(half)
+    assert interval.mean == 0.5 and interval.sd == pytest.approx(0.025, rel=0.15)
+    assert interval.low == pytest.approx(0.5 - 1.96 * 0.025, abs=0.01)
+    assert paired_bootstrap(half) == interval  # seeded: a table is rewritten the same
+    with pytest.raises(ValueError, match="paired scores"):
+        paired_bootstrap([([1, 0], [1])])
+
+
 def _fake_run(folder, accuracies, losses, mb=1.0, rouge_l=None):
     """A finished run's files; with ``rouge_l`` (per round) a generation run on the device
     clock, whose perplexity is exp(loss)."""
@@ -189,6 +212,73 @@ def test_sweep_tables_over_seeds_have_means_intervals_and_paired_differences(tmp
     table = (out / "comparison.md").read_text()
     assert "| new | hetlora | 3 | 0.600 ± " in table and "0.100 ± 0.248" in table
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "loss.png").is_file()
+
+
+def test_sweep_tables_read_targets_on_validation_and_bootstrap_the_test_examples(
+    tmp_path, tiny_config
+):
+    """Runs evaluated on a validation split: rounds to target come from the rounds' (validation)
+    accuracy, never from the final test accuracy; the paired difference to the baseline also
+    gets a bootstrap interval over the saved test examples."""
+    runs = "{ref: {strategy: fedit}, new: {strategy: hetlora}}"
+    sweep, out = _three_seed_sweep(tmp_path, tiny_config, "target-accuracy: 0.7", runs)
+    for seed in (1, 2, 3):
+        for name, right in (("ref", 5), ("new", 7)):  # of 10 test examples
+            folder = out / f"{name}-seed{seed}"
+            _fake_run(folder, [0.1, 0.5, 0.6], [2.0, 1.0, 0.9])  # validation: below 0.7
+            summary = json.loads((folder / "summary.json").read_text())
+            summary.update(final_accuracy=right / 10, evaluated_on="validation")
+            (folder / "summary.json").write_text(json.dumps(summary))
+            examples = [{"index": i, "correct": i < right, "loss": 1.0} for i in range(10)]
+            (folder / TEST_EXAMPLES).write_text("".join(json.dumps(e) + "\n" for e in examples))
+    rows = comparison_rows(sweep, out)
+    assert all(r["rounds_to_target"] is None for r in rows)  # the test accuracy 0.7 not read
+    summaries = summary_rows(rows, sweep)
+    new = next(s for s in summaries if s["run"] == "new")
+    assert new["final_accuracy_vs_baseline"].mean == pytest.approx(0.2)
+    boot = new["final_accuracy_vs_baseline_bootstrap"]
+    assert boot.n == 3 and boot.mean == pytest.approx(0.2) and 0 < boot.low < 0.2 < boot.high
+    write_comparison(rows, out, sweep)
+    table = (out / "comparison.md").read_text()
+    assert "final_accuracy_vs_baseline_bootstrap" in table and "on the validation split" in table
+    assert "uncorrected for multiple comparisons" in table
+
+
+def test_step_sizes_are_chosen_on_validation_never_on_test(tmp_path, tiny_config):
+    """select_lr reads the candidates' final validation accuracy: 0.01 ends best there, while
+    0.001 has the best test accuracy (which it must not read); candidates evaluated on the test
+    split are refused. The choice and its cost reach the tables."""
+    runs = "{ref: {strategy: fedit, train.lr: [0.001, 0.003, 0.01]}}"
+    write_scenario(tmp_path / "base", tiny_config)
+    text = f"scenario: base\nseeds: [1, 2]\nselect-lr: {{rounds: 2, seed: 9}}\nruns: {runs}\n"
+    (tmp_path / "s.yaml").write_text(text)
+    sweep, out = load_sweep(tmp_path / "s.yaml"), tmp_path / "out"
+    assert sweep.lr_grid("ref") == [0.001, 0.003, 0.01] and sweep.select_rounds == 2
+    folders = {}
+    for lr, validation, test in ((0.001, 0.5, 0.9), (0.003, 0.6, 0.7), (0.01, 0.7, 0.6)):
+        folders[lr] = out / f"ref-lr{lr:g}"
+        _fake_run(folders[lr], [0.1, validation], [2.0, 1.0])
+        lines = (folders[lr] / "metrics.jsonl").read_text().splitlines()
+        records = [{**json.loads(line), "split": "validation"} for line in lines]
+        (folders[lr] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        summary = json.loads((folders[lr] / "summary.json").read_text())
+        (folders[lr] / "summary.json").write_text(json.dumps({**summary, "final_accuracy": test}))
+    choice = select_lr(folders, sweep)
+    assert choice["selected"] == 0.01 and choice["runs"] == 3 and choice["metric"] == "accuracy"
+    on_test = out / "on-test"
+    _fake_run(on_test, [0.1, 0.9], [2.0, 1.0])  # split "test" (the default of older records)
+    with pytest.raises(ConfigError) as info:
+        select_lr({0.001: on_test}, sweep)
+    assert info.value.key == "data.validation-examples"
+    (out / "ref-lr-selection.json").write_text(json.dumps(choice))
+    for seed in (1, 2):
+        _fake_run(out / f"ref-seed{seed}", [0.1, 0.6], [2.0, 1.0])
+    rows = comparison_rows(sweep, out)
+    write_comparison(rows, out, sweep)
+    assert "`ref` train.lr 0.01 (3 runs)" in (out / "comparison.md").read_text()
+    with (out / "summary.csv").open() as handle:
+        (row,) = csv.DictReader(handle)
+    assert (float(row["lr"]), row["selection_runs"]) == (0.01, "3")
 
 
 def test_generation_sweep_tables_compare_rouge_l_and_perplexity(tmp_path, tiny_config):

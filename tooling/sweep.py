@@ -7,9 +7,11 @@ A sweep file (YAML)::
     target-accuracy: 0.5                    # optional, for "rounds to target"; or
                                             # target-rouge-l, target-perplexity (lower is better)
     baseline: fedit                         # optional; paired differences to this run
+    select-lr: {rounds: 5, seed: 0}         # optional: a row whose train.lr is a list
     runs:                                   # name -> run-config keys set for that run
       hetlora: {strategy: hetlora}
       helora-pad-zero: {strategy: helora-pad, helora-pad.filler: zero}
+      fedit: {strategy: fedit, train.lr: [0.001, 0.003, 0.01]}   # chosen on validation
 
 Each run is a real Flower run of a copy of the scenario whose config has the run's keys (so a
 run may set options of its own strategy that the scenario does not name) and the seed. Results
@@ -20,6 +22,13 @@ the paired differences to the baseline) and ``accuracy.png``/``loss.png`` (the m
 the interval shaded). A generation sweep's table and plot show ROUGE-L and perplexity in place of
 exact match (``rouge_l.png``); a run not started yet is ``not run``, one that stopped without a
 summary ``failed``.
+
+Step sizes: a row whose ``train.lr`` is a list is first run once per value, ``select-lr.rounds``
+rounds at seed ``select-lr.seed`` (``<out>/<run>-lr<value>/``), and the value whose final
+validation score is best (the sweep's target metric, accuracy by default) is the row's step
+size for its seeds. The scenario (or the row) must have a validation split
+(``data.validation-examples``): a step size is never chosen on the test split. The choice, the
+scores and the runs it took are in ``<out>/<run>-lr-selection.json`` and in the tables.
 """
 
 from __future__ import annotations
@@ -35,9 +44,9 @@ import numpy as np
 import yaml
 
 from hetfed.errors import ConfigError
-from hetfed.results import read_metrics
+from hetfed.results import TEST_EXAMPLES, read_metrics
 from tooling.scenarios import run, write_variant
-from tooling.stats import Interval, mean_interval, paired_difference
+from tooling.stats import Interval, mean_interval, paired_bootstrap, paired_difference
 
 # the sweep file's target keys: the metric of metrics.jsonl, whether lower is better, its range
 TARGETS = {
@@ -45,7 +54,8 @@ TARGETS = {
     "target-rouge-l": ("rouge_l", False, "a number in (0, 1]"),
     "target-perplexity": ("perplexity", True, "a number >= 1"),
 }
-SWEEP_KEYS = ("scenario", "seeds", *TARGETS, "baseline", "runs")
+SWEEP_KEYS = ("scenario", "seeds", *TARGETS, "baseline", "select-lr", "runs")
+LR = "train.lr"
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,13 @@ class Sweep:
     target: float | None = None  # the value of the target metric that counts as reached
     target_key: str = "target-accuracy"  # which one (TARGETS)
     baseline: str | None = None  # a run name: every run's paired difference to it
+    select_rounds: int = 0  # select-lr.rounds: the short budget of a step-size candidate
+    select_seed: int = 0  # select-lr.seed: a seed apart from the compared ones
+
+    def lr_grid(self, run: str) -> list[float] | None:
+        """The step sizes ``run`` chooses from (None: its train.lr is one value)."""
+        value = self.runs[run].get(LR)
+        return [float(v) for v in value] if isinstance(value, list) else None
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -95,7 +112,31 @@ def load_sweep(path: str | Path) -> Sweep:
     if baseline is not None and baseline not in runs:
         raise ConfigError("baseline", baseline, f"one of the runs: {', '.join(runs)}", source)
     runs = {str(k): dict(v) for k, v in runs.items()}
-    return Sweep(scenario, runs, tuple(seeds), target, target_key, baseline)
+    select = doc.get("select-lr", {})
+    grids = [name for name, keys in runs.items() if isinstance(keys.get(LR), list)]
+    rounds, select_seed = _select_lr(select, grids, source)
+    for name in grids:
+        grid = runs[name][LR]
+        if not grid or not all(isinstance(v, int | float) and 0 < v < 1 for v in grid):
+            raise ConfigError(f"runs.{name}.{LR}", grid, "a list of numbers in (0, 1)", source)
+    return Sweep(scenario, runs, tuple(seeds), target, target_key, baseline, rounds, select_seed)
+
+
+def _select_lr(select: Any, grids: list[str], source: str) -> tuple[int, int]:
+    """select-lr's rounds and seed; it is required by (and only by) a row with a grid."""
+    if grids and not select:
+        raise ConfigError(
+            "select-lr", None, f"{{rounds: R, seed: S}}: runs {grids} give train.lr a list", source
+        )
+    if not select:
+        return 0, 0
+    if not grids:
+        raise ConfigError("select-lr", select, "absent: no run gives train.lr a list", source)
+    rounds, seed = (select.get(k) if isinstance(select, dict) else None for k in ("rounds", "seed"))
+    seed = 0 if seed is None else seed
+    if not isinstance(rounds, int) or rounds < 1 or not isinstance(seed, int) or seed < 0:
+        raise ConfigError("select-lr", select, "{rounds: an integer >= 1, seed: >= 0}", source)
+    return rounds, seed
 
 
 def run_sweep(sweep: Sweep, out: str | Path) -> list[dict[str, Any]]:
@@ -103,24 +144,74 @@ def run_sweep(sweep: Sweep, out: str | Path) -> list[dict[str, Any]]:
     comparison files."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    chosen = {name: _choose_lr(sweep, name, out) for name in sweep.runs if sweep.lr_grid(name)}
     jobs = [(name, seed) for name in sweep.runs for seed in sweep.seeds]
     for index, (name, seed) in enumerate(jobs, 1):
-        folder = out / f"{name}-seed{seed}"
-        if (folder / "summary.json").is_file():
-            print(f"[sweep {index}/{len(jobs)}] {folder.name}: finished earlier, skipped")
-            continue
-        print(f"[sweep {index}/{len(jobs)}] {folder.name}: running")
-        keys = {**sweep.runs[name], "seed": seed, "results-dir": str(folder)}
-        scenario = write_variant(sweep.scenario, folder / "scenario", keys)
-        try:
-            code = run(scenario, [])
-        except Exception as err:  # a failed run is a row of the table, not the end of the sweep
-            print(f"[sweep] {folder.name} failed: {err}")
-            code = 1
-        print(f"[sweep {index}/{len(jobs)}] {folder.name}: exit code {code}")
+        keys = {**sweep.runs[name], **({LR: chosen[name]} if name in chosen else {})}
+        _run_once(out / f"{name}-seed{seed}", sweep, {**keys, "seed": seed}, f"{index}/{len(jobs)}")
     rows = comparison_rows(sweep, out)
     write_comparison(rows, out, sweep)
     return rows
+
+
+def _run_once(folder: Path, sweep: Sweep, keys: dict[str, Any], index: str) -> None:
+    """One run of the scenario with ``keys`` into ``folder``, unless it finished earlier."""
+    if (folder / "summary.json").is_file():
+        print(f"[sweep {index}] {folder.name}: finished earlier, skipped")
+        return
+    print(f"[sweep {index}] {folder.name}: running")
+    scenario = write_variant(
+        sweep.scenario, folder / "scenario", {**keys, "results-dir": str(folder)}
+    )
+    try:
+        code = run(scenario, [])
+    except Exception as err:  # a failed run is a row of the table, not the end of the sweep
+        print(f"[sweep] {folder.name} failed: {err}")
+        code = 1
+    print(f"[sweep {index}] {folder.name}: exit code {code}")
+
+
+def _choose_lr(sweep: Sweep, name: str, out: Path) -> float:
+    """Run ``name`` once per step size of its grid on the short budget, then choose
+    (:func:`select_lr`) and record the choice."""
+    grid = sweep.lr_grid(name)
+    folders = {}
+    for i, lr in enumerate(grid, 1):
+        folder = out / f"{name}-lr{lr:g}"
+        keys = {
+            **sweep.runs[name],
+            LR: lr,
+            "seed": sweep.select_seed,
+            "num-server-rounds": sweep.select_rounds,
+        }
+        _run_once(folder, sweep, keys, f"select {name} {i}/{len(grid)}")
+        folders[lr] = folder
+    choice = select_lr(folders, sweep)
+    (out / f"{name}-lr-selection.json").write_text(json.dumps(choice, indent=2) + "\n")
+    print(f"[sweep] {name}: train.lr {choice['selected']:g} chosen on validation")
+    return choice["selected"]
+
+
+def select_lr(folders: dict[float, Path], sweep: Sweep) -> dict[str, Any]:
+    """The step size whose run ends best on the validation split, by the sweep's target metric
+    (its direction), read from ``metrics.jsonl`` only: rounds evaluated on test are refused."""
+    metric, lower, _ = TARGETS[sweep.target_key]
+    scores = {}
+    for lr, folder in folders.items():
+        records = read_metrics(folder) if (folder / "metrics.jsonl").is_file() else []
+        if not records:
+            raise ConfigError("select-lr", str(folder), "a finished candidate run")
+        if records[-1].get("split") != "validation":
+            raise ConfigError(
+                "data.validation-examples",
+                0,
+                "an integer > 0 in the scenario or the run: a step size is chosen on a "
+                "validation split, never on the test split",
+                str(folder),
+            )
+        scores[lr] = records[-1][metric]
+    best = (min if lower else max)(scores, key=scores.get)
+    return {"selected": best, "metric": metric, "scores": scores, "runs": len(scores)}
 
 
 def when_reached(records: list[dict[str, Any]], sweep: Sweep, key: str = "round") -> float | None:
@@ -140,6 +231,8 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     """One row per (run, seed): its status and, when it finished, its figures and curves."""
     rows = []
     for name in sweep.runs:
+        selection = out / f"{name}-lr-selection.json"
+        chosen = json.loads(selection.read_text()) if selection.is_file() else None
         for seed in sweep.seeds:
             folder = out / f"{name}-seed{seed}"
             row: dict[str, Any] = {
@@ -147,6 +240,8 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                 "seed": seed,
                 "strategy": sweep.runs[name].get("strategy", ""),
             }
+            if chosen is not None:  # the step size chosen on validation, and its cost
+                row |= {"lr": chosen["selected"], "selection_runs": chosen["runs"]}
             summary_path = folder / "summary.json"
             if not summary_path.is_file():  # started and stopped (its log says why), or not yet
                 rows.append({**row, "status": "failed" if folder.is_dir() else "not run"})
@@ -159,7 +254,10 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                     "status": "completed",
                     "final_accuracy": round(summary["final_accuracy"], 4),
                     "best_accuracy": round(summary["best_accuracy"], 4),
-                    "final_loss": round(records[-1]["loss"], 4),
+                    # the final model on test (runs from before summary.json had it: the
+                    # last round's evaluation, which was on test then)
+                    "final_loss": round(summary.get("final_loss", records[-1]["loss"]), 4),
+                    "evaluated_on": summary.get("evaluated_on", "test"),
                     "final_rouge_l": _rounded(summary.get("final_rouge_l")),
                     "final_perplexity": _rounded(summary.get("final_perplexity")),
                     "rounds_to_target": when_reached(records, sweep),
@@ -168,14 +266,24 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                     "mb_up": round(summary["bytes_up"] / 1e6, 2),
                     "simulated_seconds": summary.get("simulated_seconds"),
                     "stragglers": summary.get("stragglers"),
+                    "pruned_replies": summary.get("pruned_replies"),
                     "seconds": round(summary["seconds"], 1),
                     "accuracy_by_round": [r["accuracy"] for r in records],
                     "loss_by_round": [r["loss"] for r in records],
                     "simulated_by_round": [r.get("simulated_total", 0.0) for r in records],
                     "rouge_l_by_round": [r.get("rouge_l") for r in records],
+                    "test_examples": _test_examples(folder),
                 }
             )
     return rows
+
+
+def _test_examples(folder: Path) -> list[dict[str, Any]]:
+    """The final model's per-example test scores (runs from before they were saved: none)."""
+    path = folder / TEST_EXAMPLES
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def _rounded(value: float | None) -> float | None:
@@ -196,6 +304,7 @@ SUMMARISED = (
     "mb_up",
     "simulated_seconds",
     "stragglers",
+    "pruned_replies",
     "seconds",
 )
 COLUMNS = ("run", "strategy", "seed", "status", *SUMMARISED)
@@ -228,6 +337,9 @@ def summary_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any
             "seeds": len(finished),
             "failed": sum(r["run"] == name and r["status"] == "failed" for r in rows),
         }
+        chosen = next((r for r in rows if r["run"] == name and "lr" in r), None)
+        if chosen is not None:
+            summary |= {"lr": chosen["lr"], "selection_runs": chosen["selection_runs"]}
         for metric in SUMMARISED:
             summary[metric] = mean_interval(list(seed_values(rows, name, metric).values()))
         summary["reached_target"] = len(seed_values(rows, name, "rounds_to_target"))
@@ -236,8 +348,33 @@ def summary_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any
                 summary[f"{metric}_vs_baseline"] = paired_difference(
                     seed_values(rows, name, metric), seed_values(rows, sweep.baseline, metric)
                 )
+            metric, field = (
+                ("final_rouge_l", "rouge_l")
+                if is_generation(rows)
+                else ("final_accuracy", "correct")
+            )
+            summary[f"{metric}_vs_baseline_bootstrap"] = paired_bootstrap(
+                test_example_pairs(rows, name, sweep.baseline, field)
+            )
         summaries.append(summary)
     return summaries
+
+
+def test_example_pairs(
+    rows: list[dict[str, Any]], run: str, baseline: str, field: str
+) -> list[tuple[list[float], list[float]]]:
+    """Per seed both finished with per-example test scores: ``field`` of each test example
+    for ``run`` and for ``baseline`` (the same examples: the seed fixes the test split)."""
+    scores = {
+        (r["run"], r["seed"]): [float(e[field]) for e in r.get("test_examples", [])]
+        for r in rows
+        if r["status"] == "completed"
+    }
+    return [
+        (scores[run, seed], scores[baseline, seed])
+        for seed in sorted({seed for _, seed in scores})
+        if scores.get((run, seed)) and scores.get((baseline, seed))
+    ]
 
 
 def _interval_columns(summaries: list[dict[str, Any]]) -> list[str]:
@@ -257,9 +394,10 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
     summaries = summary_rows(rows, sweep)
     intervals = _interval_columns(summaries)
     fields = ["run", "strategy", "seeds", "failed", "reached_target"]
+    fields += [f for f in ("lr", "selection_runs") if any(f in s for s in summaries)]
     fields += [f"{c}_{part}" for c in intervals for part in ("mean", "sd", "low", "high")]
     with (out / "summary.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         for summary in summaries:
             flat = {k: v for k, v in summary.items() if not isinstance(v, Interval)}
@@ -293,17 +431,37 @@ def comparison_markdown(
         quality = list(GENERATION_QUALITY) if is_generation(rows) else []
         compared = quality or ["final_accuracy"]
         columns = [*(quality or ["final_accuracy", "best_accuracy"]), "final_loss"]
+        bootstrap = f"{compared[0]}_vs_baseline_bootstrap"
+        with_bootstrap = any(s.get(bootstrap) and s[bootstrap].n for s in summaries)
         if sweep.baseline is not None:
             columns += [f"{m}_vs_baseline" for m in (*compared, "final_loss")]
+            columns += [bootstrap] if with_bootstrap else []
         columns += ["rounds_to_target", "mb_down", "mb_up", "seconds"]
         if any(r.get("simulated_seconds") for r in rows):  # the device clock ran
             columns[-1:-1] = ["simulated_to_target", "simulated_seconds", "stragglers"]
+        if any(r.get("pruned_replies") for r in rows):  # a client pruned its rank
+            columns[-1:-1] = ["pruned_replies"]
+        on_validation = any(r.get("evaluated_on") == "validation" for r in rows)
         lines += [
             f"Mean ± 95% interval (Student t) over seeds {', '.join(map(str, sweep.seeds))}"
             + (
                 f"; `_vs_baseline`: paired difference to `{sweep.baseline}`, same seeds."
                 if sweep.baseline is not None
                 else "."
+            )
+            + (
+                f" `{bootstrap}`: the same difference with a paired bootstrap interval over"
+                " the test examples (each seed's examples resampled, 2.5-97.5 percentiles),"
+                " which the seed interval does not cover."
+                if with_bootstrap
+                else ""
+            )
+            + " Intervals are per comparison, uncorrected for multiple comparisons."
+            + (
+                " `final_*`: the final model on the test split; `best_*` and rounds to target:"
+                " on the validation split."
+                if on_validation
+                else ""
             ),
             "",
             "| run | strategy | seeds | " + " | ".join(columns) + " |",
@@ -318,6 +476,18 @@ def comparison_markdown(
                     text = f"{text} ({summary['reached_target']}/{summary['seeds']} reached)"
                 cells.append(text)
             lines.append("| " + " | ".join(cells) + " |")
+        selected = [s for s in summaries if "lr" in s]
+        if selected:
+            lines += [
+                "",
+                f"Step sizes chosen on the validation split ({sweep.select_rounds} rounds at "
+                f"seed {sweep.select_seed} a candidate): "
+                + "; ".join(
+                    f"`{s['run']}` train.lr {s['lr']:g} ({s['selection_runs']} runs)"
+                    for s in selected
+                )
+                + ".",
+            ]
         lines += ["", "Per seed:", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
