@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from hetfed import adapter_state, wire
+from hetfed import adapter_state, seeds, wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.data import DataConfig, load_splits
 from hetfed.errors import ConfigError
@@ -190,7 +190,8 @@ def initial_lora_a(config: dict) -> dict[str, np.ndarray]:
     cfg = ModelConfig(name=config["model.name"], max_length=config["model.max-length"])
     base, _ = build_classifier(cfg, len(labels), seed=config["seed"])
     spec = LoraSpec(8, config["lora.alpha"], ("query", "value"))
-    state = AdapterHost(base).initial_state(spec, seed=config["seed"])
+    seed = seeds.initial_adapter_seed(config["seed"])  # its stream of the run's seed tree
+    state = AdapterHost(base).initial_state(spec, seed=seed)
     return {k: v for k, v in state.items() if k.endswith(".lora_A.weight")}
 
 
