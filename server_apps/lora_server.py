@@ -1,6 +1,6 @@
 """The hetfed ServerApp: build the strategy by name, run the rounds, evaluate, write results.
 
-Before any training it validates the whole run (:func:`hetfed.run_plan.plan_run`, and a
+Before any training it validates the whole run (:func:`server_apps.run_plan.plan_run`, and a
 checkpoint to resume from). Each round the global adapter is evaluated centrally on the held-out
 test split, a line is appended to ``<results-dir>/metrics.jsonl`` and ``checkpoint.npz`` is
 replaced (:mod:`hetfed.checkpoint`). At the end it writes ``summary.json``, ``accuracy.png`` and
@@ -29,9 +29,9 @@ from hetfed.data import load_splits
 from hetfed.generation import Evaluation
 from hetfed.models import GENERATION, build_model, on_compute_device
 from hetfed.results import ResultsWriter, RoundRecord, RoundStats
-from hetfed.run_plan import RunPlan, plan_run
 from hetfed.server_model import TEST, ServerModel
 from hetfed.training import Encoded, encode_split
+from server_apps.run_plan import RunPlan, plan_run
 from strategies.base import LoRAStrategy
 
 app = ServerApp()

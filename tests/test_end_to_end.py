@@ -17,9 +17,9 @@ from hetfed.checkpoint import load_checkpoint
 from hetfed.data import DataConfig, load_splits
 from hetfed.models import ModelConfig, build_classifier, build_model
 from hetfed.results import read_metrics
-from hetfed.run_plan import plan_run
 from hetfed.training import encode, encode_for_task, evaluate
 from server_apps.lora_server import export_global
+from server_apps.run_plan import plan_run
 from tests.conftest import TINY_PROFILES, assert_same_adapter, learned_rounds, write_scenario
 from tooling.scenarios import OFFLINE_ENV, run_status
 

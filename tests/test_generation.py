@@ -24,8 +24,8 @@ from hetfed.generation import (
 from hetfed.instructions import IGNORE, encode_generation, end_token_id
 from hetfed.models import GENERATION, ModelConfig, build_model, load_tokenizer
 from hetfed.results import read_metrics
-from hetfed.run_plan import plan_run
 from hetfed.training import Encoded, encode_split
+from server_apps.run_plan import plan_run
 from tests.conftest import TINY_PROFILES
 
 TINY = ModelConfig(

@@ -18,8 +18,8 @@ from hetfed.models import (
     load_tokenizer,
     resolve_model_source,
 )
-from hetfed.run_plan import plan_run
 from hetfed.training import Encoded, TrainConfig, encode_for_task, evaluate, train_steps
+from server_apps.run_plan import plan_run
 from tests.conftest import REPO, TINY_PROFILES
 from tooling.cli import main
 

@@ -20,10 +20,10 @@ from hetfed.checkpoint import load_checkpoint
 from hetfed.cost_model import UpdateShape, clients_per_pack, step_cost
 from hetfed.data import load_splits
 from hetfed.models import ModelConfig, build_model, cost_shape
-from hetfed.registry import load_strategy, strategy_names
-from hetfed.run_plan import plan_run
 from hetfed.server_model import ServerModel
 from hetfed.training import encode_split
+from server_apps.run_plan import plan_run
+from strategies.registry import load_strategy, strategy_names
 from tests.conftest import learned_rounds, write_scenario
 from tests.harness import InProcessGrid
 from tests.test_end_to_end import EXTRA_CONFIG

@@ -20,9 +20,9 @@ from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.data import DataConfig, load_splits
 from hetfed.errors import ConfigError
 from hetfed.models import ModelConfig, build_classifier
-from hetfed.registry import load_strategy
 from hetfed.results import read_metrics
 from hetfed.training import Encoded, TrainConfig, train_steps
+from strategies.registry import load_strategy
 from tests.conftest import REPO
 from tests.harness import global_state, make, train_round, trained
 from tests.test_end_to_end import exported_accuracy

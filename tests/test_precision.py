@@ -20,8 +20,8 @@ from hetfed.config import RunSettings, parse_run_config, require_runs_on, settin
 from hetfed.data import DataConfig, load_splits
 from hetfed.errors import ConfigError
 from hetfed.models import ModelConfig, build_model
-from hetfed.run_plan import plan_run
 from hetfed.training import TrainConfig, encode_for_task, evaluate, train_steps
+from server_apps.run_plan import plan_run
 from strategies.flora import FLoRA
 from tests.conftest import TINY_PROFILES, adapter_tensors, learned_rounds
 from tests.harness import PROFILES

@@ -14,10 +14,10 @@ from hetfed import adapter_state, wire
 from hetfed.config import parse_run_config
 from hetfed.errors import ConfigError
 from hetfed.profiles import parse_profiles
-from hetfed.registry import load_strategy
 from strategies.fedit import FedIT, FedITOptions
 from strategies.helora_pad import HeLoRAPad, HeLoRAPadOptions
 from strategies.rbla import RBLA
+from strategies.registry import load_strategy
 from strategies.zeropad import ZeroPad
 from tests.harness import MODULES, global_state, make, train_round, trained
 

@@ -18,8 +18,8 @@ from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import LoraSettings, RunSettings
 from hetfed.errors import ConfigError
 from hetfed.models import ModelConfig, build_classifier
-from hetfed.run_plan import plan_run
 from hetfed.scaling import lora_scaling, rule_alpha
+from server_apps.run_plan import plan_run
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.gd_hla import GDHLA, GDHLAOptions

@@ -1,7 +1,7 @@
 """The ``hetfed`` command: arguments only; the work is done by the modules each subcommand names.
 
 - ``hetfed strategies``: every registered strategy (name, class, package, one-line description;
-  a plugin that cannot be used is listed with the reason), :mod:`hetfed.registry`.
+  a plugin that cannot be used is listed with the reason), :mod:`strategies.registry`.
 - ``hetfed check scenarios/NAME [-c KEY=VALUE ...]``: validate a scenario without running it.
 - ``hetfed run scenarios/NAME [-c KEY=VALUE ...]``: ``flwr run`` it offline on the local
   Simulation Engine with the scenario's ``[tool.hetfed.simulation]`` settings, stream its log,
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "strategies":
-            from hetfed.registry import strategies_table
+            from strategies.registry import strategies_table
 
             print(strategies_table())
             return 0

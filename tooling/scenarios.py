@@ -25,8 +25,8 @@ from flwr.common.config import flatten_dict, parse_config_args, unflatten_dict
 
 from hetfed.config import RunSettings
 from hetfed.errors import HetfedError
-from hetfed.registry import strategy_names
-from hetfed.run_plan import RunPlan, plan_run
+from server_apps.run_plan import RunPlan, plan_run
+from strategies.registry import strategy_names
 
 OFFLINE_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}
 SIMULATION_KEYS = (
@@ -84,7 +84,7 @@ def simulation_settings(folder: str | Path) -> dict[str, Any]:
 
 
 def check(folder: str | Path, overrides: list[str]) -> RunPlan:
-    """Validate a scenario (:func:`hetfed.run_plan.plan_run`) and say what it will run."""
+    """Validate a scenario (:func:`server_apps.run_plan.plan_run`) and say what it will run."""
     plan = plan_run(scenario_run_config(folder, overrides), project_dir=folder)
     tiers = ", ".join(f"{t.name}={t.rank}" for t in plan.profiles.tiers.values())
     print(

@@ -20,9 +20,9 @@ from hetfed.adapters import LoraSpec
 from hetfed.config import parse_run_config
 from hetfed.errors import ConfigError
 from hetfed.profiles import DeviceProfiles, parse_profiles
-from hetfed.registry import load_strategy, strategy_names
 from strategies.base import LoRAStrategy, register_clients
 from strategies.layer_base import LayerStrategy
+from strategies.registry import load_strategy, strategy_names
 from strategies.replies import ClientUpdate
 from tooling.bench.common import SimulatedNodes, act_as_flower_task
 

@@ -30,8 +30,8 @@ from hetfed.config import RunSettings
 from hetfed.data import load_partition, load_splits
 from hetfed.models import build_classifier, load_tokenizer
 from hetfed.profiles import DeviceProfiles, parse_profiles
-from hetfed.run_plan import plan_run
 from hetfed.training import Encoded, encode
+from server_apps.run_plan import plan_run
 from tooling import scenarios
 
 DEFAULT_OUT = Path("results/bench/bench.json")

@@ -40,7 +40,7 @@ from hetfed.adapters import AdapterHost
 from hetfed.config import RunSettings, SimulationSettings
 from hetfed.data import load_splits
 from hetfed.models import build_model, compute_device
-from hetfed.run_plan import plan_run
+from server_apps.run_plan import plan_run
 from tooling import scenarios
 from tooling.bench.common import (
     SimulatedNodes,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hetfed.run_plan import plan_run
+from server_apps.run_plan import plan_run
 from strategies.base import register_clients
 from tooling import scenarios
 from tooling.bench.common import SimulatedNodes, act_as_flower_task

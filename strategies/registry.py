@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
 from hetfed.errors import ConfigError, PluginError
+from strategies.base import LoRAStrategy
 
 GROUP = "hetfed.strategies"
 
@@ -56,9 +57,6 @@ def load_plugin(name: str, points: list[EntryPoint]) -> type:
     ``name`` (run-config options are keyed by the registered name, results by the class's) and
     have a dataclass (or None) as ``options_class``. Raises :class:`PluginError` otherwise.
     """
-    # Imported here, not at the top: strategies build on hetfed's core, never the reverse.
-    from strategies.base import LoRAStrategy
-
     if len(points) > 1:
         owners = ", ".join(f"{p.value} ({_package(p)})" for p in points)
         raise PluginError(f"'{name}' is registered by more than one package: {owners}")

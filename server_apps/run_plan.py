@@ -38,7 +38,7 @@ from hetfed.models import (
     max_lora_rank,
 )
 from hetfed.profiles import AUTO, DeviceProfiles, load_profiles
-from hetfed.registry import load_strategy
+from strategies.registry import load_strategy
 
 
 @dataclass(frozen=True)
