@@ -221,9 +221,6 @@ class _TrainerActor:
     def train(self, job: TrainJob) -> JobResult:
         return self.trainer.train(job)
 
-    def pack_sizes(self) -> list[int]:
-        return list(self.trainer.sizes)
-
 
 def trainer_actor(client_id: int):
     """This Ray node's trainer for ``client_id`` (its GPU: client id modulo the node's GPUs),

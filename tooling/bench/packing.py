@@ -145,8 +145,9 @@ def measure_packing_variant(jobs: list[TrainJob], pack: int | None, threads: int
     (the process's caches, as a long-running actor has them), and the same jobs run once with
     one local step each (the same packs), so that every adapter a pack names exists and the
     device is warm. Timed: all jobs, from the first hand-over to the last result (for packs, the
-    trainer's gathering time included: :data:`~client_apps.packed_trainer.GATHER_SECONDS` a
-    pack, as in a simulation; ``gathering_seconds`` is their sum). Peak memory:
+    trainer's gathering time included, as in a simulation: it ends when k jobs are waiting, at
+    most :data:`~client_apps.packed_trainer.GATHER_SECONDS` a pack; ``gathering_seconds`` is
+    that bound summed). Peak memory:
     the process's ``ru_maxrss``, and on a GPU ``torch.cuda.max_memory_allocated`` (the base,
     the adapters, optimizer state and activations; the CUDA context is not in it).
     """
@@ -172,7 +173,7 @@ def measure_packing_variant(jobs: list[TrainJob], pack: int | None, threads: int
         "seconds": seconds,
         "updates_per_second": len(jobs) / seconds,
         "pack_sizes": sizes,
-        # the trainer waits GATHER_SECONDS after a pack's first job, even when k are waiting
+        # at most: the trainer stops gathering once k jobs are waiting
         "gathering_seconds": GATHER_SECONDS * len(sizes) if pack else 0.0,
         "load_seconds": load_seconds,
         "warmup_seconds": warmup_seconds,
