@@ -212,10 +212,10 @@ class Batch:
         if extra == 0:
             return self
         side = (0, extra) if self.scored is None else (extra, 0)
+        pad = nn.functional.pad
         labels = self.labels
         if self.scored is not None:
-            labels = nn.functional.pad(labels, side, value=IGNORE)
-        pad = nn.functional.pad
+            labels = pad(labels, side, value=IGNORE)
         return Batch(pad(self.input_ids, side), pad(self.attention_mask, side), labels, self.scored)
 
 
@@ -362,7 +362,7 @@ def score(model: nn.Module, data: Encoded, batch_size: int, precision: str = "fp
     """
     model.eval()
     device = model_device(model)
-    correct, loss_sum, loss_count = 0, 0.0, 0
+    loss_sum = 0.0  # summed a batch at a time, as the overall loss always was
     right: list[bool] = []
     sums: list[float] = []
     counts: list[int] = []
@@ -373,20 +373,16 @@ def score(model: nn.Module, data: Encoded, batch_size: int, precision: str = "fp
         per_target = task_loss(logits, labels, reduction="none")
         if labels.dim() == 1:
             hits = logits.argmax(-1) == labels
-            correct += int(hits.sum())
-            loss_count += len(labels)
             sums += per_target.tolist()
             counts += [1] * len(labels)
         else:
             targets = labels[:, 1:]
             in_answer = targets != IGNORE
             hits = ((logits[:, :-1].argmax(-1) == targets) | ~in_answer).all(1)
-            correct += int(hits.sum())
-            loss_count += int(in_answer.sum())
             sums += per_target.view(len(labels), -1).sum(1).tolist()
             counts += in_answer.sum(1).tolist()
         right += hits.tolist()
-    accuracy, loss = correct / max(len(data), 1), loss_sum / max(loss_count, 1)
+    accuracy, loss = sum(right) / max(len(data), 1), loss_sum / max(sum(counts), 1)
     return Scores(accuracy, loss, tuple(right), tuple(sums), tuple(counts))
 
 

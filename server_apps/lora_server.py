@@ -83,7 +83,6 @@ class ServerRun:
     run_config: dict
     started: float = field(default_factory=time.perf_counter)
     last_round_end: float = field(default_factory=time.perf_counter)
-    generations: tuple[str, ...] = ()  # the generation task's texts of the last evaluation
     final_test: Evaluation | None = None  # the final model on the test split
 
     @property
@@ -108,9 +107,9 @@ class ServerRun:
         split = self.server.evaluated_split
         evaluation = self.server.evaluate(*view, split=split)
         if server_round == settings.num_server_rounds:  # the final model: the test split
-            test = evaluation if split == TEST else self.server.evaluate(*view, split=TEST)
-            self.final_test = test
-            self.generations = test.generations
+            self.final_test = (
+                evaluation if split == TEST else self.server.evaluate(*view, split=TEST)
+            )
         now = time.perf_counter()
         stats = strategy.stats.get(server_round, RoundStats())
         before = self.writer.records[-1].simulated_total if self.writer.records else 0.0
@@ -220,7 +219,6 @@ def final_test(job: ServerRun, state: State) -> Evaluation:
     resumed after its last round)."""
     if job.final_test is None:
         job.final_test = job.server.evaluate(*job.strategy.model_view(state), split=TEST)
-        job.generations = job.final_test.generations
     return job.final_test
 
 
@@ -244,8 +242,8 @@ def summarize(job: ServerRun, adapter_dir: Path, test: Evaluation) -> None:
     settings, strategy, records = job.plan.settings, job.strategy, job.writer.records
     final = records[-1]
     best = max(records, key=lambda r: r.accuracy)
-    if job.generations:
-        job.writer.write_generations(job.generations, job.server.references)
+    if test.generations:
+        job.writer.write_generations(test.generations, job.server.references)
     job.writer.write_test_examples(test.examples())
     job.writer.plot(f"{strategy.name} on {settings.data.source} ({settings.model.name})")
     job.writer.write_summary(
