@@ -138,6 +138,9 @@ class RunSettings:
     compute_efficiency: float = 0.5  # share of a tier's compute-gflops that training sustains
     resume: bool | str = False  # true: continue from results-dir's checkpoint; or a folder
     seed: int = 42
+    # the last rounds whose global model is also scored on the test split (report only: the
+    # mean over them, summary.json's last_rounds_accuracy, smooths a round's swing)
+    test_rounds: int = 1
     profiles: str = "profiles.yaml"
     results_dir: str = "results"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -184,6 +187,12 @@ class RunSettings:
             raise ConfigError("compute-efficiency", self.compute_efficiency, "a number in (0, 1]")
         if self.seed < 0:
             raise ConfigError("seed", self.seed, "an integer >= 0")
+        if not 1 <= self.test_rounds <= self.num_server_rounds:
+            raise ConfigError(
+                "test-rounds",
+                self.test_rounds,
+                f"an integer in [1, num-server-rounds ({self.num_server_rounds})]",
+            )
         if self.resume == "":
             raise ConfigError("resume", self.resume, "true, false or a results folder")
         if self.simulation.packed and self.train.base_dropout:

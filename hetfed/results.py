@@ -43,11 +43,13 @@ class RoundStats:
         split: str,
         seconds: float,
         simulated_before: float,
+        test: Any = None,
     ) -> RoundRecord:
         """The ``metrics.jsonl`` line of this round, with its central ``evaluation``
-        (:class:`hetfed.generation.Evaluation`) on ``split`` and the simulated seconds of the
-        rounds before."""
+        (:class:`hetfed.generation.Evaluation`) on ``split``, the simulated seconds of the
+        rounds before and, in the last ``test-rounds`` rounds, the evaluation on ``test``."""
         counters = {k: v for k, v in asdict(self).items() if k != "ranks"}
+        on_test = {"test_accuracy": test.accuracy, "test_loss": test.loss} if test else {}
         return RoundRecord(
             round=server_round,
             accuracy=evaluation.accuracy,
@@ -57,6 +59,7 @@ class RoundStats:
             split=split,
             seconds=seconds,
             simulated_total=simulated_before + self.simulated_seconds,
+            **on_test,
             **counters,
         )
 
@@ -92,6 +95,18 @@ class RoundRecord:
     pruned: int = 0  # valid replies at a smaller rank than sent (HetLoRA's self-pruning)
     reply_ranks: list[int] | None = None  # the valid replies' ranks, sorted
     split: str = "test"  # the split the round's accuracy and loss are on
+    # the global model on the test split, in the last test-rounds rounds only (else None)
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+
+
+def last_rounds_mean(records: Sequence[RoundRecord], rounds: int) -> float | None:
+    """The mean test accuracy of the last ``rounds`` rounds' global models (``test-rounds``);
+    None when one of them was not scored on test (a run from before they were)."""
+    last = [r.test_accuracy for r in records[-rounds:]]
+    if len(last) < rounds or any(a is None for a in last):
+        return None
+    return sum(last) / rounds
 
 
 def _atomic_write(path: Path, text: str) -> None:

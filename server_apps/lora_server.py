@@ -28,7 +28,7 @@ from hetfed.checkpoint import Checkpoint, save_checkpoint
 from hetfed.data import load_splits
 from hetfed.generation import Evaluation
 from hetfed.models import GENERATION, build_model, on_compute_device
-from hetfed.results import ResultsWriter, RoundRecord, RoundStats
+from hetfed.results import ResultsWriter, RoundRecord, RoundStats, last_rounds_mean
 from hetfed.server_model import TEST, ServerModel
 from hetfed.training import Encoded, encode_split
 from server_apps.run_plan import RunPlan, plan_run
@@ -106,14 +106,17 @@ class ServerRun:
         view = strategy.model_view(wire.from_record(arrays))
         split = self.server.evaluated_split
         evaluation = self.server.evaluate(*view, split=split)
-        if server_round == settings.num_server_rounds:  # the final model: the test split
-            self.final_test = (
-                evaluation if split == TEST else self.server.evaluate(*view, split=TEST)
-            )
+        test = None
+        if server_round > settings.num_server_rounds - settings.test_rounds:  # report only
+            test = evaluation if split == TEST else self.server.evaluate(*view, split=TEST)
+        if server_round == settings.num_server_rounds:  # the final model
+            self.final_test = test
         now = time.perf_counter()
         stats = strategy.stats.get(server_round, RoundStats())
         before = self.writer.records[-1].simulated_total if self.writer.records else 0.0
-        record = stats.record(server_round, evaluation, split, now - self.last_round_end, before)
+        record = stats.record(
+            server_round, evaluation, split, now - self.last_round_end, before, test
+        )
         self.last_round_end = now
         self.writer.add_round(record)
         rouge = f"  ROUGE-L {record.rouge_l:.4f}" if record.rouge_l is not None else ""
@@ -251,6 +254,9 @@ def summarize(job: ServerRun, adapter_dir: Path, test: Evaluation) -> None:
             "strategy": strategy.describe(),
             "final_accuracy": test.accuracy,
             "final_loss": test.loss,
+            # the mean test accuracy of the last test-rounds rounds' global models
+            "last_rounds_accuracy": last_rounds_mean(records, settings.test_rounds),
+            "test_rounds": settings.test_rounds,
             "evaluated_on": job.server.evaluated_split,
             "best_accuracy": best.accuracy,
             "best_round": best.round,

@@ -102,8 +102,9 @@ def test_a_run_with_a_validation_split_reads_test_for_the_final_model_only(
 ):
     """data.validation-examples: every round is evaluated on the validation split (the best
     value is read there), the final model on the test split (what the exported adapter
-    scores on test)."""
-    config = {**tiny_config, "data.validation-examples": 60}
+    scores on test); with test-rounds = 2 the last two rounds' models are also scored on test,
+    and summary.json has their mean."""
+    config = {**tiny_config, "data.validation-examples": 60, "test-rounds": 2}
     proc, results = run_scenario(config)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     rounds = read_metrics(results)
@@ -114,6 +115,9 @@ def test_a_run_with_a_validation_split_reads_test_for_the_final_model_only(
     assert summary["best_accuracy"] == max(r["accuracy"] for r in rounds)
     assert rounds[summary["best_round"]]["accuracy"] == summary["best_accuracy"]
     assert summary["final_accuracy"] == pytest.approx(exported_accuracy(results, config))
+    on_test = [r["test_accuracy"] for r in rounds]
+    assert on_test[:2] == [None, None] and on_test[-1] == summary["final_accuracy"]
+    assert summary["last_rounds_accuracy"] == pytest.approx(sum(on_test[2:]) / 2)
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,8 @@ def test_run_config_parses_sections_and_strategy_options():
         ({"max-update-norm": -1.0}, "max-update-norm", ">= 0"),
         ({"resume": 2}, "resume", "true or false or a string"),
         ({"resume": ""}, "resume", "a results folder"),
+        ({"test-rounds": 6, "num-server-rounds": 5}, "test-rounds", "[1, num-server-rounds (5)]"),
+        ({"test-rounds": 0}, "test-rounds", "[1, num-server-rounds"),
     ],
 )
 def test_bad_run_config_names_key_value_and_allowed(config, key, allowed):

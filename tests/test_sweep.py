@@ -10,6 +10,7 @@ import tomllib
 
 import pytest
 
+import tooling.sweep as sweep_module
 from hetfed.errors import ConfigError
 from hetfed.results import TEST_EXAMPLES
 from tests.conftest import write_scenario
@@ -58,6 +59,8 @@ def test_variant_sets_keys_the_scenario_does_not_name(tmp_path, tiny_config):
         ("scenario: base\nselect-lr: {rounds: 2}\nruns: {a: {}}", "select-lr"),
         ("scenario: base\nselect-lr: {rounds: 0}\nruns: {a: {train.lr: [0.1]}}", "select-lr"),
         ("scenario: base\nselect-lr: {rounds: 2}\nruns: {a: {train.lr: [2]}}", "runs.a.train.lr"),
+        ("scenario: base\ncommon: [seed]\nruns: {a: {}}", "common"),
+        ("scenario: base\ncommon: {train.lr: [0.1]}\nruns: {a: {}}", "select-lr"),
     ],
 )
 def test_bad_sweep_files_name_the_key(tmp_path, tiny_config, text, key):
@@ -110,6 +113,59 @@ def test_sweep_runs_compares_and_skips_finished_runs(
     out = capsys.readouterr().out
     assert out.count("finished earlier, skipped") == 2
     assert os.path.getmtime(tmp_path / "out" / "hetlora-seed42" / "summary.json") == before
+
+
+def test_common_keys_reach_every_row_and_a_row_overrides_them(tmp_path, tiny_config):
+    write_scenario(tmp_path / "base", tiny_config)
+    (tmp_path / "s.yaml").write_text(
+        "scenario: base\nselect-lr: {rounds: 2, seed: 0}\n"
+        "common: {test-rounds: 2, train.lr: [0.001, 0.01]}\n"
+        "runs: {a: {strategy: fedit}, b: {strategy: hetlora, train.lr: 0.003}}\n"
+    )
+    sweep = load_sweep(tmp_path / "s.yaml")
+    assert sweep.runs["a"] == {"test-rounds": 2, "train.lr": [0.001, 0.01], "strategy": "fedit"}
+    assert sweep.runs["b"]["train.lr"] == 0.003 and sweep.runs["b"]["test-rounds"] == 2
+    assert sweep.lr_grid("a") == [0.001, 0.01] and sweep.lr_grid("b") is None
+
+
+def test_a_sweep_runs_seed_by_seed_and_chooses_a_step_size_before_a_rows_first_seed(
+    tmp_path, tiny_config, monkeypatch
+):
+    """A sweep stopped part-way has every row at the seeds it finished: the order of the runs,
+    recorded in place of running them."""
+    write_scenario(tmp_path / "base", tiny_config)
+    (tmp_path / "s.yaml").write_text(
+        "scenario: base\nseeds: [1, 2]\nselect-lr: {rounds: 2, seed: 0}\n"
+        "runs: {a: {strategy: fedit}, b: {strategy: hetlora, train.lr: [0.001, 0.01]}}\n"
+    )
+    order = []
+    monkeypatch.setattr(sweep_module, "_run_once", lambda folder, *_: order.append(folder.name))
+    monkeypatch.setattr(
+        sweep_module, "_choose_lr", lambda s, name, out: order.append(f"choose {name}") or 0.01
+    )
+    run_sweep(load_sweep(tmp_path / "s.yaml"), tmp_path / "out")
+    assert order == ["a-seed1", "choose b", "b-seed1", "a-seed2", "b-seed2"]
+
+
+def test_the_mean_of_the_last_rounds_on_test_is_tabled_and_paired(tmp_path, tiny_config):
+    runs = "{ref: {strategy: fedit}, new: {strategy: hetlora}}"
+    sweep, out = _three_seed_sweep(tmp_path, tiny_config, "target-accuracy: 0.9", runs)
+    for seed in (1, 2, 3):
+        for name, last in (("ref", [0.5, 0.6, 0.4]), ("new", [0.6, 0.6, 0.6 + seed / 100])):
+            folder = out / f"{name}-seed{seed}"
+            _fake_run(folder, [0.1, 0.5, 0.6], [2.0, 1.0, 0.9])
+            summary = json.loads((folder / "summary.json").read_text())
+            summary.update(
+                final_accuracy=last[-1], last_rounds_accuracy=sum(last) / 3, test_rounds=3
+            )
+            (folder / "summary.json").write_text(json.dumps(summary))
+    rows = comparison_rows(sweep, out)
+    new = next(s for s in summary_rows(rows, sweep) if s["run"] == "new")
+    assert new["last_rounds_accuracy"].mean == pytest.approx(0.6 + 0.02 / 3)
+    assert new["last_rounds_accuracy_vs_baseline"].mean == pytest.approx(0.1 + 0.02 / 3)
+    write_comparison(rows, out, sweep)
+    table = (out / "comparison.md").read_text()
+    assert "last_rounds_accuracy_vs_baseline" in table and "the last 3 rounds" in table
 
 
 def test_mean_interval_and_paired_difference_on_hand_made_numbers():

@@ -8,6 +8,7 @@ A sweep file (YAML)::
                                             # target-rouge-l, target-perplexity (lower is better)
     baseline: fedit                         # optional; paired differences to this run
     select-lr: {rounds: 5, seed: 0}         # optional: a row whose train.lr is a list
+    common: {data.validation-examples: 500} # optional: keys every run sets (a row overrides)
     runs:                                   # name -> run-config keys set for that run
       hetlora: {strategy: hetlora}
       helora-pad-zero: {strategy: helora-pad, helora-pad.filler: zero}
@@ -54,7 +55,7 @@ TARGETS = {
     "target-rouge-l": ("rouge_l", False, "a number in (0, 1]"),
     "target-perplexity": ("perplexity", True, "a number >= 1"),
 }
-SWEEP_KEYS = ("scenario", "seeds", *TARGETS, "baseline", "select-lr", "runs")
+SWEEP_KEYS = ("scenario", "seeds", *TARGETS, "baseline", "select-lr", "common", "runs")
 LR = "train.lr"
 
 
@@ -94,6 +95,9 @@ def load_sweep(path: str | Path) -> Sweep:
     for name, keys in runs.items():
         if not isinstance(keys, dict):
             raise ConfigError(f"runs.{name}", keys, "a mapping of run-config keys", source)
+    common = doc.get("common", {})
+    if not isinstance(common, dict):
+        raise ConfigError("common", common, "a mapping of run-config keys", source)
     seeds = doc.get("seeds", [42])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError("seeds", seeds, "a list of integers", source)
@@ -111,7 +115,7 @@ def load_sweep(path: str | Path) -> Sweep:
     baseline = doc.get("baseline")
     if baseline is not None and baseline not in runs:
         raise ConfigError("baseline", baseline, f"one of the runs: {', '.join(runs)}", source)
-    runs = {str(k): dict(v) for k, v in runs.items()}
+    runs = {str(k): {**common, **v} for k, v in runs.items()}  # a row's own keys win
     select = doc.get("select-lr", {})
     grids = [name for name, keys in runs.items() if isinstance(keys.get(LR), list)]
     rounds, select_seed = _select_lr(select, grids, source)
@@ -144,9 +148,13 @@ def run_sweep(sweep: Sweep, out: str | Path) -> list[dict[str, Any]]:
     comparison files."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    chosen = {name: _choose_lr(sweep, name, out) for name in sweep.runs if sweep.lr_grid(name)}
-    jobs = [(name, seed) for name in sweep.runs for seed in sweep.seeds]
+    # seed by seed, so a sweep stopped part-way has every row at the seeds it finished; a row's
+    # step size is chosen before its first seed runs
+    jobs = [(name, seed) for seed in sweep.seeds for name in sweep.runs]
+    chosen: dict[str, float] = {}
     for index, (name, seed) in enumerate(jobs, 1):
+        if sweep.lr_grid(name) and name not in chosen:
+            chosen[name] = _choose_lr(sweep, name, out)
         keys = {**sweep.runs[name], **({LR: chosen[name]} if name in chosen else {})}
         _run_once(out / f"{name}-seed{seed}", sweep, {**keys, "seed": seed}, f"{index}/{len(jobs)}")
     rows = comparison_rows(sweep, out)
@@ -254,6 +262,8 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                     "status": "completed",
                     "final_accuracy": round(summary["final_accuracy"], 4),
                     "best_accuracy": round(summary["best_accuracy"], 4),
+                    "last_rounds_accuracy": _rounded(summary.get("last_rounds_accuracy")),
+                    "test_rounds": summary.get("test_rounds", 1),
                     # the final model on test (runs from before summary.json had it: the
                     # last round's evaluation, which was on test then)
                     "final_loss": round(summary.get("final_loss", records[-1]["loss"]), 4),
@@ -292,12 +302,17 @@ def _rounded(value: float | None) -> float | None:
 
 # The quality figures of the generation task (in place of accuracy in the comparison table).
 GENERATION_QUALITY = ("final_rouge_l", "final_perplexity")
-# The figures of a finished run: per seed in comparison.csv, summarised over seeds in summary.csv.
-SUMMARISED = (
+# The quality figures of a run (tables print them to three decimals).
+QUALITY = (
     "final_accuracy",
+    "last_rounds_accuracy",
     "best_accuracy",
     "final_loss",
     *GENERATION_QUALITY,
+)
+# The figures of a finished run: per seed in comparison.csv, summarised over seeds in summary.csv.
+SUMMARISED = (
+    *QUALITY,
     "rounds_to_target",
     "simulated_to_target",
     "mb_down",
@@ -308,7 +323,13 @@ SUMMARISED = (
     "seconds",
 )
 COLUMNS = ("run", "strategy", "seed", "status", *SUMMARISED)
-PAIRED = ("final_accuracy", "best_accuracy", "final_loss", *GENERATION_QUALITY)  # by seed
+PAIRED = (
+    "final_accuracy",
+    "last_rounds_accuracy",
+    "best_accuracy",
+    "final_loss",
+    *GENERATION_QUALITY,
+)  # by seed
 
 
 def is_generation(rows: list[dict[str, Any]]) -> bool:
@@ -422,6 +443,12 @@ def _csv_number(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.6g}"
 
 
+def _with_last_rounds(rows: list[dict[str, Any]]) -> list[str]:
+    """``last_rounds_accuracy`` when the runs scored more than their final model on test."""
+    several = any(r.get("test_rounds", 1) > 1 for r in rows)
+    return ["last_rounds_accuracy"] if several else []
+
+
 def comparison_markdown(
     rows: list[dict[str, Any]], summaries: list[dict[str, Any]], sweep: Sweep
 ) -> str:
@@ -429,8 +456,9 @@ def comparison_markdown(
     lines = []
     if len(sweep.seeds) > 1:
         quality = list(GENERATION_QUALITY) if is_generation(rows) else []
-        compared = quality or ["final_accuracy"]
-        columns = [*(quality or ["final_accuracy", "best_accuracy"]), "final_loss"]
+        last_rounds = [] if quality else _with_last_rounds(rows)
+        compared = quality or ["final_accuracy", *last_rounds]
+        columns = [*(quality or ["final_accuracy", *last_rounds, "best_accuracy"]), "final_loss"]
         bootstrap = f"{compared[0]}_vs_baseline_bootstrap"
         with_bootstrap = any(s.get(bootstrap) and s[bootstrap].n for s in summaries)
         if sweep.baseline is not None:
@@ -462,6 +490,12 @@ def comparison_markdown(
                 " on the validation split."
                 if on_validation
                 else ""
+            )
+            + (
+                " `last_rounds_accuracy`: the mean test accuracy of the last"
+                f" {max(r.get('test_rounds', 1) for r in rows)} rounds' global models."
+                if last_rounds
+                else ""
             ),
             "",
             "| run | strategy | seeds | " + " | ".join(columns) + " |",
@@ -470,7 +504,7 @@ def comparison_markdown(
         for summary in summaries:
             cells = [summary["run"], summary["strategy"], str(summary["seeds"])]
             for column in columns:
-                digits = 3 if column in SUMMARISED[:5] or "_vs_" in column else 1
+                digits = 3 if column in QUALITY or "_vs_" in column else 1
                 text = summary[column].format(digits)
                 if column.endswith("_to_target") and summary["seeds"]:
                     text = f"{text} ({summary['reached_target']}/{summary['seeds']} reached)"
