@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 TEST_EXAMPLES = "test_examples.jsonl"
+PROCESS = "process.json"
 
 
 @dataclass
@@ -146,6 +148,12 @@ class ResultsWriter:
         """``test_examples.jsonl``: the final model on each test example (right or not, its
         loss; ROUGE-L for generation), for paired comparisons over test examples."""
         _atomic_write(self.folder / TEST_EXAMPLES, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write_process(self, run_id: int) -> None:
+        """``process.json``: the Flower run id and the process (pid, host) that runs the
+        ServerApp, so a user or a test can find, stop or kill the process of this run."""
+        process = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}
+        _atomic_write(self.folder / PROCESS, json.dumps(process) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.folder / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -169,6 +169,7 @@ def build(grid: Grid, context: Context) -> ServerRun:
         log(WARNING, "[hetfed] resume: no checkpoint in %s; starting at round 1", plan.resume_from)
     done = [RoundRecord(**r) for r in checkpoint.records] if checkpoint is not None else []
     writer = ResultsWriter(settings.results_dir, done)
+    writer.write_process(context.run_id)
     log(INFO, "[hetfed] strategy %s, %d rounds, results in %s", strategy.describe(),
         settings.num_server_rounds, writer.folder)  # fmt: skip
     splits = load_splits(settings.data)

@@ -6,10 +6,8 @@ import csv
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from safetensors.numpy import load_file
 
 from hetfed.model_cache import CACHE_ENV
 from hetfed.results import read_metrics
+from tooling.loopback import free_ports
+from tooling.superlink import stop_superlinks_on
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -168,54 +168,19 @@ def server_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
-def _local_superlinks() -> dict[int, list[bytes]]:
-    """Running flower-superlink processes and their environments."""
-    out = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True)
-    found = {}
-    for pid in out.stdout.split():
-        try:
-            found[int(pid)] = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-    return found
-
-
 @pytest.fixture(scope="session")
 def flower_home(tmp_path_factory):
-    """A private FLWR_HOME; the local SuperLink that flwr starts there is stopped at the end.
-
-    flwr reuses any local SuperLink already listening on its fixed port, and that one runs the
-    apps of the environment that started it: refuse to test against another environment's.
-    """
-    venv_bin = str(Path(sys.executable).parent).encode()
-    port = os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091").encode()
-    for pid, environ in _local_superlinks().items():
-        path = next((e for e in environ if e.startswith(b"PATH=")), b"")
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if port in cmdline and venv_bin not in path:
-            pytest.fail(
-                f"a local flower-superlink (pid {pid}) from another environment is "
-                "running; stop it (pkill -f flower-superlink) to run end-to-end tests"
-            )
+    """A private FLWR_HOME, and ports of this test session for the local SuperLink that flwr
+    starts there (set in the environment the tests' processes inherit), so no test lands on a
+    SuperLink that something else left on flwr's default port. That SuperLink is stopped at
+    the end."""
     home = tmp_path_factory.mktemp("flwr-home")
-    yield home
-    stop_local_superlinks(home)
-
-
-def stop_local_superlinks(home: Path, timeout: float = 30) -> None:
-    """Stop the local SuperLinks that ``flwr`` started with ``FLWR_HOME=home``, and wait until
-    they are gone."""
-
-    def running() -> list[int]:
-        marker = f"FLWR_HOME={home}".encode()
-        return [pid for pid, environ in _local_superlinks().items() if marker in environ]
-
-    for pid in running():
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while running():
-        assert time.monotonic() < deadline, f"the local SuperLink of {home} did not stop"
-        time.sleep(0.5)
+    link, control = free_ports(2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(link))
+        patch.setenv("FLWR_LOCAL_CONTROL_API_PORT", str(control))
+        yield home
+    stop_superlinks_on(link)
 
 
 def hetfed_run(

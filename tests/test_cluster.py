@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 
 from hetfed.results import read_metrics
-from tests.conftest import hetfed_run, stop_local_superlinks, write_scenario
+from tests.conftest import hetfed_run, write_scenario
 from tooling.loopback import BIN, Processes, free_ports
+from tooling.superlink import stop_superlinks_on
 
 pytestmark = pytest.mark.cluster
 
@@ -130,7 +131,7 @@ def test_a_run_joins_a_ray_cluster_and_both_nodes_run_clients(ray_cluster, tmp_p
     try:
         proc = hetfed_run(home, tmp_path, scenario, env=env)
     finally:
-        stop_local_superlinks(home)  # and with it the run's Ray driver, if still there
+        stop_superlinks_on(link)  # and with it the run's Ray driver, if still there
 
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert "ended with status finished:completed" in proc.stdout

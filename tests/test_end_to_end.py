@@ -78,6 +78,11 @@ def test_hetlora_end_to_end(run_scenario, tiny_config):
     proc, results = run_scenario(tiny_config)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "finished:completed" in proc.stdout
+    port = os.environ["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]  # this test session's (flower_home)
+    assert f"hetfed: this run goes to a new local SuperLink on 127.0.0.1:{port}" in proc.stdout or (
+        f"hetfed: this run goes to the local SuperLink on 127.0.0.1:{port}" in proc.stdout
+    )
+    assert "hetfed: warning" not in proc.stderr
     assert "ranks [2, 2, 4, 8]" in proc.stdout  # each tier trains at its own rank
     rounds = read_metrics(results)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]

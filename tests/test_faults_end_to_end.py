@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hetfed.checkpoint import load_checkpoint
-from hetfed.results import read_metrics
+from hetfed.results import PROCESS, read_metrics
 from tests.conftest import TINY_CONFIG, assert_same_adapter, hetfed_run, write_scenario
 
 # The runs that are killed or resumed below, and the uninterrupted run they must end equal to.
@@ -78,9 +78,11 @@ def test_clients_that_time_out_are_counted_and_the_round_goes_on(run_scenario, t
     assert "this client raises" not in proc.stdout  # late, not failed: only the timeout tells
 
 
-def _kill_server_app(flower_home) -> int:
-    """SIGKILL the ServerApp process (``flwr-simulation``) of the SuperLink in ``flower_home``
-    and every process it started (Ray and its workers): a run killed mid-flight."""
+def _kill_server_app(results: Path) -> int:
+    """SIGKILL the process that runs the ServerApp, as the run records it in
+    ``results/process.json``, and every process it started (Ray and its workers): a run killed
+    mid-flight. Returns the killed pid."""
+    pid = json.loads((results / PROCESS).read_text())["pid"]
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -88,23 +90,14 @@ def _kill_server_app(flower_home) -> int:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    killed = 0
-    for pid in [p for ps in children.values() for p in ps]:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        if b"flwr-simulation" in cmdline and f"FLWR_HOME={flower_home}".encode() in environ:
-            tree, stack = [], [pid]
-            while stack:
-                tree.append(stack.pop())
-                stack.extend(children.get(tree[-1], []))
-            for victim in tree:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(victim, signal.SIGKILL)
-            killed += 1
-    return killed
+    tree, stack = [], [pid]
+    while stack:
+        tree.append(stack.pop())
+        stack.extend(children.get(tree[-1], []))
+    for victim in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    return pid
 
 
 def test_a_killed_run_resumes_to_the_same_final_adapter(whole_run, flower_home, tmp_path):
@@ -127,7 +120,7 @@ def test_a_killed_run_resumes_to_the_same_final_adapter(whole_run, flower_home, 
         while load_checkpoint(killed) is None:
             assert runner.poll() is None and time.monotonic() < deadline, "no checkpoint"
             time.sleep(0.1)
-        assert _kill_server_app(flower_home) == 1
+        _kill_server_app(killed)
         runner.send_signal(signal.SIGINT)  # the streaming `flwr run` has nothing left to show
         try:
             runner.wait(timeout=60)

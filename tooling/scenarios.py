@@ -27,6 +27,7 @@ from hetfed.config import RunSettings
 from hetfed.errors import HetfedError
 from server_apps.run_plan import RunPlan, plan_run
 from strategies.registry import strategy_names
+from tooling.superlink import describe_target
 
 OFFLINE_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}
 SIMULATION_KEYS = (
@@ -157,6 +158,10 @@ def run(folder: str | Path, overrides: list[str]) -> int:
     # flwr starts `flower-superlink` from PATH: make it this environment's.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     federation = " ".join(f"{k}={_toml_value(v)}" for k, v in simulation_settings(folder).items())
+    target, warning = describe_target(env)
+    print(f"hetfed: this run goes to {target}")
+    if warning is not None:
+        print(f"hetfed: warning: {warning}", file=sys.stderr)
     command = ["flwr", "run", str(folder), "--stream"]
     if overrides:
         # one --run-config: flwr (1.41, 1.42) parses each flag on its own and merges them shallowly,
