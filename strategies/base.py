@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from logging import INFO, WARNING
 from typing import Any, ClassVar
@@ -46,7 +46,7 @@ from hetfed.device_clock import DeviceClock
 from hetfed.errors import ConfigError
 from hetfed.faults import choose_faults
 from hetfed.models import TASKS
-from hetfed.profiles import DeviceProfiles
+from hetfed.profiles import DeviceProfiles, Tier
 from hetfed.rank_policies import TierRanks
 from hetfed.results import RoundStats
 from hetfed.scaling import rescale_state, rule_alpha
@@ -60,6 +60,18 @@ from strategies.replies import (
     enough_replies,
     train_metrics,
 )
+
+
+@dataclass
+class RoundState:
+    """The working state of the round being trained, owned by its strategy: the attempt (0
+    unless the round is being retried), the global state it started from, and what each client
+    was sent this attempt (struck off when its reply is accepted, so a second reply is not
+    counted twice)."""
+
+    attempt: int = 0
+    global_state: State = field(default_factory=dict)
+    sent: dict[int, SentAdapter] = field(default_factory=dict)
 
 
 class LoRAStrategy(Strategy):
@@ -86,9 +98,7 @@ class LoRAStrategy(Strategy):
         self.num_layers = num_layers  # transformer blocks of the base model, for layer budgets
         self.nodes = NodeRegistry(num_layers)
         self.stats: dict[int, RoundStats] = {}
-        self.attempt = 0  # of the current round (0 unless it is being retried)
-        self._sent: dict[int, SentAdapter] = {}  # client id -> what it was sent this attempt
-        self._global_state: State = {}  # the global adapter this round started from
+        self.round = RoundState()
         self.server: ServerModel | None = None
         check_requirements(self)
 
@@ -250,15 +260,29 @@ class LoRAStrategy(Strategy):
         grid: Grid,
         timeout: float,
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Send, receive and aggregate one round, retried or skipped when too few replies are
-        valid (:func:`with_retries`)."""
-
-        def attempt() -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Send, receive and aggregate one round. While fewer than ``min-train-replies`` replies
+        are valid, again with a fresh sample (``too-few-replies = "retry"``, at most
+        ``max-retries`` times); then the round is skipped and the global state kept."""
+        settings = self.settings
+        stats = self.stats.setdefault(server_round, RoundStats())
+        attempts = 1 + (settings.max_retries if settings.too_few_replies == "retry" else 0)
+        for number in range(attempts):
+            self.round.attempt = number
+            stats.attempts = number + 1
+            started = time.perf_counter()
             messages = list(self.configure_train(server_round, arrays, config, grid))
             replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
-            return self.aggregate_train(server_round, replies)
-
-        return with_retries(self, server_round, attempt)
+            new_arrays, metrics = self.aggregate_train(server_round, replies)
+            stats.train_seconds += time.perf_counter() - started
+            if new_arrays is not None:
+                return new_arrays, metrics
+            if number + 1 < attempts:
+                log(WARNING, "round %d: retry %d of %d", server_round, number + 1, attempts - 1)
+        stats.skipped = True
+        log(WARNING, "round %d skipped after %d attempt(s): fewer than min-train-replies=%d "
+            "valid replies; the global adapter is kept", server_round, attempts,
+            settings.min_train_replies)  # fmt: skip
+        return None, None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -266,28 +290,70 @@ class LoRAStrategy(Strategy):
         """Sample, then per client: its rank and layers, its arrays, its message."""
         stats = self.stats.setdefault(server_round, RoundStats())
         settings = self.settings
-        known = register_clients(self, grid)  # sorted client ids whose budget is known
-        sampled = sample_clients(settings, server_round, self.attempt, known)
+        attempt = self.round.attempt
+        known = self.register_clients(grid)  # sorted client ids whose budget is known
+        sampled = sample_clients(settings, server_round, attempt, known)
         clients = [c for c in sampled if self.participates(c)]
-        faults = choose_faults(settings.faults, settings.seed, server_round, self.attempt, clients)
-        self._global_state = wire.from_record(arrays)
-        prepared = [(c, *prepare(self, server_round, c, faults.get(c))) for c in clients]
+        faults = choose_faults(settings.faults, settings.seed, server_round, attempt, clients)
+        self.round.global_state = wire.from_record(arrays)
+        prepared = [(c, *self.prepare(server_round, c, faults.get(c))) for c in clients]
         if self.clock is not None:  # the device clock: stragglers under a deadline
-            prepared = on_the_clock(self, server_round, stats, prepared)
-        self._sent = {client_id: sent for client_id, sent, _, _ in prepared}
+            prepared = on_the_clock(self.clock, self.tier_of, server_round, stats, prepared)
+        self.round.sent = {client_id: sent for client_id, sent, _, _ in prepared}
         messages = train_messages(prepared, self.nodes.node_of, stats)
-        stats.ranks = {str(c): sent.rank for c, sent in self._sent.items()}
+        stats.ranks = {str(c): sent.rank for c, sent in self.round.sent.items()}
         ranks, injected = sorted(stats.ranks.values()), f"; faults {faults}" if faults else ""
-        log(INFO, f"configure_train: round {server_round} sends {len(self._sent)} clients their "
+        log(INFO, f"configure_train: round {server_round} sends {len(prepared)} clients their "
             f"adapters (ranks {ranks}){injected}")  # fmt: skip
         return messages
+
+    def register_clients(self, grid: Grid) -> list[int]:
+        """The sorted client ids of the connected nodes whose budget is known (asked once)."""
+        settings, clock = self.settings, self.clock
+        needs = required_memory_gb(self.profiles, clock) if clock else None
+        return self.nodes.register(
+            grid, self.profiles, settings.min_available_nodes, settings.round_timeout, needs
+        )
+
+    def tier_of(self, client_id: int) -> Tier:
+        """The device tier of a client whose budget is known."""
+        return self.profiles.tiers[self.budgets[client_id].tier]
+
+    def prepare(
+        self, server_round: int, client_id: int, fault: str | None
+    ) -> tuple[SentAdapter, State, wire.TrainInstruction]:
+        """What a client is sent: its arrays, at the global model's strength
+        (``lora.rescale``), and its instruction; and what is kept to check and convert its
+        reply."""
+        rank, layers = self.client_rank(client_id), self.client_layers(server_round, client_id)
+        spec, source_scaling = self.spec(rank), self.source_scaling(rank)
+        state = self.distribute(self.round.global_state, rank)
+        if self.settings.lora.rescale:  # s_k B_k A_k = s_g B[:, :r_k] A[:r_k, :]
+            state = rescale_state(state, source_scaling / spec.scaling)
+        instruction = wire.TrainInstruction(
+            server_round=server_round,
+            rank=rank,
+            lora_alpha=spec.alpha,
+            lora_rslora=spec.rslora,
+            lora_scaling=spec.scaling,
+            seed=seeds.round_seed(self.settings.seed, server_round),
+            layers=tuple(layers) if layers is not None else None,
+            pruning=self.rank_policy.pruning(),
+            fault=fault,
+            fault_seconds=self.settings.round_timeout + 5.0 if fault else 0.0,
+        )
+        instruction = self.client_instruction(server_round, client_id, instruction)
+        expected = adapter_state.trainable(state)
+        if layers is not None:
+            expected = adapter_state.restrict_to_layers(expected, layers)
+        return SentAdapter(rank, expected, spec.scaling, source_scaling), state, instruction
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check and convert the replies, then the method's rule on the valid ones."""
         stats = self.stats.setdefault(server_round, RoundStats())
-        updates = [u for u in (valid_update(self, reply, stats) for reply in replies) if u]
+        updates = [u for u in (self.valid_update(reply, stats) for reply in replies) if u]
         updates.sort(key=lambda u: u.client_id)  # replies arrive in any order; sums must not
         stats.replied += len(updates)
         stats.failed = stats.sampled - stats.replied
@@ -297,10 +363,21 @@ class LoRAStrategy(Strategy):
             return None, None
         for update in updates:
             self.accept(update)
-        new_state = self.aggregate(server_round, updates, self._global_state)
+        new_state = self.aggregate(server_round, updates, self.round.global_state)
         metrics = train_metrics(updates)
         stats.train_loss = metrics[wire.TRAIN_LOSS]
         return wire.to_record(new_state), metrics
+
+    def valid_update(self, reply: Message, stats: RoundStats) -> ClientUpdate | None:
+        """A valid reply as an update at the global scaling (:func:`accepted_update`); its
+        client is then struck off the round's list, so a second reply is not counted twice."""
+        client_id = self.nodes.client_of.get(reply.metadata.src_node_id)
+        sent = self.round.sent.get(client_id)
+        allowed = self.rank_policy.allowed_reply_ranks(client_id, sent.rank) if sent else set()
+        update = accepted_update(reply, client_id, sent, allowed, self.settings, stats)
+        if update is not None:
+            del self.round.sent[client_id]
+        return update
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -311,56 +388,6 @@ class LoRAStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return None
-
-
-def prepare(
-    strategy: LoRAStrategy, server_round: int, client_id: int, fault: str | None
-) -> tuple[SentAdapter, State, wire.TrainInstruction]:
-    """What a client is sent: its arrays, at the global model's strength (``lora.rescale``), and
-    its instruction; and what is kept to check and convert its reply."""
-    rank, layers = strategy.client_rank(client_id), strategy.client_layers(server_round, client_id)
-    spec, source_scaling = strategy.spec(rank), strategy.source_scaling(rank)
-    state = strategy.distribute(strategy._global_state, rank)
-    if strategy.settings.lora.rescale:  # s_k B_k A_k = s_g B[:, :r_k] A[:r_k, :]
-        state = rescale_state(state, source_scaling / spec.scaling)
-    instruction = wire.TrainInstruction(
-        server_round=server_round,
-        rank=rank,
-        lora_alpha=spec.alpha,
-        lora_rslora=spec.rslora,
-        lora_scaling=spec.scaling,
-        seed=seeds.round_seed(strategy.settings.seed, server_round),
-        layers=tuple(layers) if layers is not None else None,
-        pruning=strategy.rank_policy.pruning(),
-        fault=fault,
-        fault_seconds=strategy.settings.round_timeout + 5.0 if fault else 0.0,
-    )
-    instruction = strategy.client_instruction(server_round, client_id, instruction)
-    expected = adapter_state.trainable(state)
-    if layers is not None:
-        expected = adapter_state.restrict_to_layers(expected, layers)
-    return SentAdapter(rank, expected, spec.scaling, source_scaling), state, instruction
-
-
-def valid_update(strategy: LoRAStrategy, reply: Message, stats: RoundStats) -> ClientUpdate | None:
-    """A valid reply as an update at the global scaling (:func:`accepted_update`); its client
-    is then struck off the round's list, so a second reply is not counted twice."""
-    client_id = strategy.nodes.client_of.get(reply.metadata.src_node_id)
-    sent = strategy._sent.get(client_id)
-    allowed = strategy.rank_policy.allowed_reply_ranks(client_id, sent.rank) if sent else set()
-    update = accepted_update(reply, client_id, sent, allowed, strategy.settings, stats)
-    if update is not None:
-        del strategy._sent[client_id]
-    return update
-
-
-def register_clients(strategy: LoRAStrategy, grid: Grid) -> list[int]:
-    """The sorted client ids of the connected nodes whose budget is known (asked once)."""
-    settings, clock = strategy.settings, strategy.clock
-    needs = required_memory_gb(strategy.profiles, clock) if clock else None
-    return strategy.nodes.register(
-        grid, strategy.profiles, settings.min_available_nodes, settings.round_timeout, needs
-    )
 
 
 def train_messages(
@@ -380,14 +407,18 @@ def train_messages(
 
 
 def on_the_clock(
-    strategy: LoRAStrategy, server_round: int, stats: RoundStats, prepared: list[tuple]
+    clock: DeviceClock,
+    tier_of: Callable[[int], Tier],
+    server_round: int,
+    stats: RoundStats,
+    prepared: list[tuple],
 ) -> list[tuple]:
     """Each client's simulated time on its tier's device (:mod:`hetfed.device_clock`, the
     bytes of its messages); under a ``round-deadline`` a straggler is left out (``drop``) or told
     to train the steps that fit (``partial``). Adds the round's simulated seconds."""
-    clock, kept, plans, late = strategy.clock, [], [], []
+    kept, plans, late = [], [], []
     for client_id, sent, state, instruction in prepared:
-        tier = strategy.profiles.tiers[strategy.budgets[client_id].tier]
+        tier = tier_of(client_id)
         blocks = instruction.layers or tuple(range(clock.shape.blocks))
         down, up = wire.nbytes(state), wire.nbytes(sent.expected)
         plans.append(clock.plan(tier, sent.rank, blocks, down, up))
@@ -455,34 +486,3 @@ class RoundLoop:
             if self.on_round_end is not None and server_round > 0:
                 self.on_round_end(server_round, result.arrays)
         return result
-
-
-def with_retries(
-    strategy: LoRAStrategy, server_round: int, attempt: Callable[[], tuple[Any, Any]]
-) -> tuple[ArrayRecord | None, MetricRecord | None]:
-    """``attempt()`` once; while it gets fewer than ``min-train-replies`` valid replies (None),
-    again with a fresh sample (``too-few-replies = "retry"``, at most ``max-retries`` times),
-    else the round is skipped and the global state kept."""
-    settings = strategy.settings
-    stats = strategy.stats.setdefault(server_round, RoundStats())
-    attempts = 1 + (settings.max_retries if settings.too_few_replies == "retry" else 0)
-    for number in range(attempts):
-        strategy.attempt = number
-        stats.attempts = number + 1
-        started = time.perf_counter()
-        new_arrays, metrics = attempt()
-        stats.train_seconds += time.perf_counter() - started
-        if new_arrays is not None:
-            return new_arrays, metrics
-        if number + 1 < attempts:
-            log(WARNING, "round %d: retry %d of %d", server_round, number + 1, attempts - 1)
-    stats.skipped = True
-    log(
-        WARNING,
-        "round %d skipped after %d attempt(s): fewer than min-train-replies=%d valid "
-        "replies; the global adapter is kept",
-        server_round,
-        attempts,
-        settings.min_train_replies,
-    )
-    return None, None

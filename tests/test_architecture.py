@@ -1,6 +1,7 @@
 """The house rules of docs/architecture.md, checked on the source: no import cycle among the
 project's modules, method files that import no sibling method file, a core that does not import
-the strategies, the apps or the tooling, and a strategy base of at most 250 lines."""
+the strategies, the apps or the tooling, and no free function that reads a private field of
+its arguments (a method in disguise)."""
 
 from __future__ import annotations
 
@@ -78,9 +79,43 @@ def test_the_core_never_imports_the_strategies_the_apps_or_the_tooling():
             assert not above, f"{module} imports {sorted(above)}"
 
 
-def test_the_strategy_base_class_is_small():
-    tree = ast.parse((REPO / "strategies" / "base.py").read_text(encoding="utf-8"))
-    (base,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LoRAStrategy"]
-    assert (
-        base.end_lineno - base.lineno + 1 <= 250
-    )  # hooks and round loop; plumbing is free functions
+def private_reads_of_parameters(source: str, label: str) -> list[str]:
+    """Module-level functions of ``source`` (a module, ``label`` in the messages) that read a
+    private field (``param._name``) of one of their parameters: methods in disguise."""
+    found = []
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+        params = {a.arg for a in arguments}
+        for sub in ast.walk(node):
+            if (
+                isinstance(sub, ast.Attribute)
+                and isinstance(sub.value, ast.Name)
+                and sub.value.id in params
+                and sub.attr.startswith("_")
+                and not sub.attr.startswith("__")
+            ):
+                found.append(f"{label}: {node.name} reads {sub.value.id}.{sub.attr}")
+    return found
+
+
+def test_no_module_level_function_reads_a_private_field_of_its_arguments():
+    """A class keeps its mechanics as methods and its working state in objects it owns (the
+    strategy's round: RoundState), not in free functions that reach into its private fields."""
+    found = [
+        line
+        for package in PACKAGES
+        for path in sorted((REPO / package).rglob("*.py"))
+        for line in private_reads_of_parameters(
+            path.read_text(encoding="utf-8"), str(path.relative_to(REPO))
+        )
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_private_field_check_finds_a_method_in_disguise():
+    source = "def prepare(strategy, t):\n    return strategy._sent[t]\n"
+    assert private_reads_of_parameters(source, "m.py") == ["m.py: prepare reads strategy._sent"]
+    method = "class S:\n    def prepare(self, t):\n        return self._sent[t]\n"
+    assert private_reads_of_parameters(method, "m.py") == []

@@ -14,7 +14,6 @@ from hetfed import wire
 from hetfed.config import RunSettings
 from hetfed.errors import ConfigError
 from hetfed.profiles import DeviceProfiles, parse_profiles
-from strategies.base import register_clients
 from strategies.hetlora import HetLoRA, HetLoRAOptions
 from tests.harness import PROFILES, InProcessGrid, _reply, global_state
 
@@ -121,7 +120,7 @@ def test_no_budget_reply_crashes_registration(budgets):
             ]
 
     strategy = HetLoRA(RunSettings(min_train_nodes=1, min_available_nodes=3), PROFILES, None)
-    available = register_clients(strategy, FuzzGrid())
+    available = strategy.register_clients(FuzzGrid())
     for client in available:
         budget = strategy.budgets[client]
         assert budget.tier in PROFILES.tiers and 1 <= budget.rank <= PROFILES.tier(budget.tier).rank

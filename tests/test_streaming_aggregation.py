@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from hetfed import adapter_state
-from strategies.base import register_clients
 from strategies.replies import ClientUpdate
 from tooling.bench.aggregation import (
     model_modules,
@@ -174,7 +173,7 @@ def replies(name: str, options: dict, clients: int = CLIENTS, ranks=RANKS, seed:
     """A strategy of the bench's making, its global state and random float32 replies."""
     act_as_flower_task()
     strategy = rank_strategy(name, MODULES, rank_profiles(ranks), options)
-    client_ids = register_clients(strategy, SimulatedNodes(clients, {}, seed))
+    client_ids = strategy.register_clients(SimulatedNodes(clients, {}, seed))
     global_state = strategy.initial_state()
     if name == "flora":  # merge into deltas that are not zero
         rng = np.random.default_rng(seed + 1)

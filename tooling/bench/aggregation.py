@@ -20,7 +20,7 @@ from hetfed.adapters import LoraSpec
 from hetfed.config import parse_run_config
 from hetfed.errors import ConfigError
 from hetfed.profiles import DeviceProfiles, parse_profiles
-from strategies.base import LoRAStrategy, register_clients
+from strategies.base import LoRAStrategy
 from strategies.layer_base import LayerStrategy
 from strategies.registry import load_strategy, strategy_names
 from strategies.replies import ClientUpdate
@@ -263,7 +263,7 @@ def strategy_row(
 ) -> dict[str, Any]:
     """One strategy's row of :func:`server_aggregation`."""
     strategy = rank_strategy(name, modules, profiles)
-    clients = register_clients(strategy, SimulatedNodes(num_clients, {}, seed))
+    clients = strategy.register_clients(SimulatedNodes(num_clients, {}, seed))
     global_state = strategy.initial_state()
     updates = random_updates(strategy, global_state, clients, seed)
     for update in updates:  # split once, outside every timing

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from server_apps.run_plan import plan_run
-from strategies.base import register_clients
 from tooling import scenarios
 from tooling.bench.common import SimulatedNodes, act_as_flower_task
 
@@ -20,7 +19,7 @@ def strategy_bytes_after_registration(scenario: str | Path, num_clients: int) ->
     """Bytes a fresh strategy of the scenario holds once ``num_clients`` clients registered, and
     the seconds registration took.
 
-    The strategy learns every budget through :func:`strategies.base.register_clients` over
+    The strategy learns every budget through :meth:`LoRAStrategy.register_clients` over
     :class:`SimulatedNodes`, under tracemalloc; the bytes it holds are those freed when it is
     deleted (everything only it references: budgets, node and client id maps, counters).
     """
@@ -33,7 +32,7 @@ def strategy_bytes_after_registration(scenario: str | Path, num_clients: int) ->
     try:
         strategy = plan.build_strategy()
         started = time.perf_counter()
-        register_clients(strategy, nodes)
+        strategy.register_clients(nodes)
         seconds = time.perf_counter() - started
         gc.collect()
         held = tracemalloc.get_traced_memory()[0]
