@@ -20,6 +20,7 @@ from flwr.app import Context, Message, RecordDict
 from client_apps.node_config import NODE_DATA, NUM_PARTITIONS, PARTITION_ID, client_id
 from hetfed import adapter_state, seeds, wire
 from hetfed.adapters import AdapterHost, LoraSpec
+from hetfed.budgets import check_sent_rank
 from hetfed.config import RunSettings, parse_run_config, require_runs_on
 from hetfed.data import DataConfig, load_partition, load_splits, require_known_labels
 from hetfed.models import ModelConfig, cached_model, compute_device
@@ -133,11 +134,8 @@ class TrainJob:
         settings, _ = parse_run_config(context.run_config, strict=False)
         instruction = wire.TrainInstruction.from_record(msg.content[wire.CONFIG])
         if wire.BUDGET in context.state:
-            affordable = wire.BudgetReply.from_record(context.state[wire.BUDGET]).rank
-            if instruction.rank > affordable:
-                raise ValueError(
-                    f"sent rank {instruction.rank} exceeds this node's budget {affordable}"
-                )
+            budget = wire.BudgetReply.from_record(context.state[wire.BUDGET])
+            check_sent_rank(instruction.rank, budget.rank)
         received = wire.from_record(msg.content[wire.ARRAYS])
         return cls(settings, instruction, received, dict(context.node_config), client_id(context))
 

@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 
 from client_apps.node_config import NODE_TIER, NUM_PARTITIONS, PARTITION_ID, client_id
 from hetfed import wire
+from hetfed.budgets import tier_from_memory
 from hetfed.errors import ConfigError
 from hetfed.faults import fault_injection
 from hetfed.profiles import DeviceProfiles, Tier, available_memory_gb, parse_profiles
@@ -30,15 +31,8 @@ def node_tier(
     assigned by partition id (simulation). A named tier always wins."""
     if NODE_TIER in node_config:
         name = str(node_config[NODE_TIER])
-        if name == "auto" and needs_gb is not None:
-            free = available_memory_gb() - profiles.memory_reserve_gb
-            needs = dict(zip(profiles.tiers.values(), needs_gb, strict=True))
-            fitting = [t for t, need in needs.items() if need <= free] or [
-                min(needs, key=needs.get)
-            ]
-            return max(fitting, key=needs.get)
         if name == "auto":
-            return profiles.tier_for_memory(available_memory_gb())
+            return tier_from_memory(profiles, available_memory_gb(), needs_gb)
         return profiles.tier(name, key="node-config tier")
     if PARTITION_ID in node_config and NUM_PARTITIONS in node_config:
         return profiles.tier_for_partition(

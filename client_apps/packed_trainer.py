@@ -40,8 +40,9 @@ from client_apps.local_training import (
     run_alone,
     worker_for,
 )
+from hetfed.budgets import local_update
 from hetfed.config import PACKING_AUTO
-from hetfed.cost_model import UpdateShape, clients_per_pack
+from hetfed.cost_model import clients_per_pack
 from hetfed.errors import ConfigError
 from hetfed.models import CAUSAL_TASKS, cost_shape
 from hetfed.packed_training import PackedClient, train_packed
@@ -183,15 +184,9 @@ def _capacity(job: TrainJob, waiting: int) -> int:
     settings = job.settings
     model = settings.model
     shape = cost_shape(model, len(worker_for(settings).label_names))
-    update = UpdateShape(
-        rank=job.instruction.rank,
-        target_modules=settings.lora.modules(),
-        trained_blocks=tuple(range(shape.blocks)),
-        steps=job.steps,
-        batch=settings.train.batch_size,
-        tokens=model.max_length,
-        scored=model.max_new_tokens + 1 if model.task in CAUSAL_TASKS else 1,
-    )
+    scored = model.max_new_tokens + 1 if model.task in CAUSAL_TASKS else 1
+    blocks = tuple(range(shape.blocks))
+    update = local_update(settings, job.instruction.rank, blocks, scored, job.steps)
     return clients_per_pack(shape, update, _free_bytes(), most=waiting)
 
 

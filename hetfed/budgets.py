@@ -1,4 +1,14 @@
-"""Budgets from the device: the rank and block count a tier affords for the run's model.
+"""Every budget rule in one place: what a tier affords, which tier a device is, what a device
+accepts (the ServerApp, the ClientApp and ``hetfed check`` all ask here).
+
+- Before the run: :func:`derive_budgets` (below), :func:`check_deadline_speeds`,
+  :func:`check_affordable_ranks`.
+- A device with ``tier='auto'``: :func:`tier_from_memory`, given what each tier's update needs
+  (:func:`required_memory_gb`, which the server sends with its budget query).
+- A device's answers: :func:`reported_rank_problem` (the server checks a budget reply) and
+  :func:`check_sent_rank` (a device refuses a rank above its budget).
+
+What a tier affords for the run's model:
 
 A tier with ``rank: auto`` and/or ``layers: auto`` gets the largest block count, then the
 largest rank (at most the profiles' ``auto.max-rank`` and the model's limit), whose peak training
@@ -13,14 +23,36 @@ the lowest trained block up. A tier that cannot train the model at rank 1 in one
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from hetfed.cost_model import adapter_bytes, peak_memory_bytes
+from hetfed.cost_model import UpdateShape, adapter_bytes, peak_memory_bytes
 from hetfed.device_clock import DeviceClock
 from hetfed.errors import ConfigError
 from hetfed.profiles import AUTO, DeviceProfiles, Tier, with_budgets
 
+if TYPE_CHECKING:  # the settings type only: a budget query must not import PyTorch
+    from hetfed.config import RunSettings
+
 GB = 2**30
+
+
+def local_update(
+    settings: RunSettings, rank: int, blocks: tuple[int, ...], scored: int, steps: int = 0
+) -> UpdateShape:
+    """One client's local update in this run, for the cost model: ``rank`` on the targeted
+    modules of ``blocks``, ``steps`` local steps (0: train.local-steps) of the run's batch and
+    sequence length, ``scored`` positions a step computes the loss on."""
+    return UpdateShape(
+        rank=rank,
+        target_modules=settings.lora.modules(),
+        trained_blocks=blocks,
+        steps=steps or settings.train.local_steps,
+        batch=settings.train.batch_size,
+        tokens=settings.model.max_length,
+        scored=scored,
+    )
 
 
 @dataclass(frozen=True)
@@ -124,3 +156,75 @@ def derive_budgets(
         b.tier: (b.rank, b.blocks) for b in budgets if profiles.tiers[b.tier] in profiles.auto
     }
     return with_budgets(profiles, derived), budgets
+
+
+def tier_from_memory(
+    profiles: DeviceProfiles, available_gb: float, needs_gb: list[float] | None = None
+) -> Tier:
+    """The tier of a device with ``available_gb`` of free memory (``tier='auto'``): the tier
+    with the largest need that fits that memory less the profiles' reserve, else the one with
+    the smallest need. A tier's need is what its update needs (``needs_gb``, in tier order, from
+    :func:`required_memory_gb`) or, when the server did not say, its ``memory-gb`` less the
+    reserve (what a device of that tier can use)."""
+    reserve = profiles.memory_reserve_gb
+    if needs_gb is not None:
+        needs = dict(zip(profiles.tiers.values(), needs_gb, strict=True))
+    else:
+        needs = {t: t.memory_gb - reserve for t in profiles.tiers.values() if t.memory_gb}
+        if not needs:
+            raise ConfigError(
+                "node-config tier",
+                "auto",
+                f"a tier name, or tiers with memory-gb in {profiles.source}",
+            )
+    fitting = [t for t, need in needs.items() if need <= available_gb - reserve]
+    return max(fitting or [min(needs, key=needs.get)], key=needs.get)
+
+
+def check_deadline_speeds(round_deadline: float, profiles: DeviceProfiles) -> None:
+    """A round deadline needs every tier's speed: its compute and its bandwidth."""
+    if round_deadline <= 0:
+        return
+    for tier in profiles.tiers.values():
+        for key, value in (
+            ("compute-gflops", tier.compute_gflops),
+            ("bandwidth-mbps", tier.bandwidth_mbps),
+        ):
+            if value is None:
+                raise ConfigError(
+                    f"tiers.{tier.name}.{key}",
+                    None,
+                    f"a number > 0: round-deadline {round_deadline} needs every tier's speed",
+                    profiles.source,
+                )
+
+
+def check_affordable_ranks(
+    client_rank: Callable[[int, int], int], profiles: DeviceProfiles, key: str
+) -> None:
+    """Every tier is sent a rank within its budget (a device refuses a larger one):
+    ``client_rank(client id, budget rank)`` is the strategy's rank policy."""
+    for client_id, tier in enumerate(profiles.tiers.values()):  # one stand-in client per tier
+        rank = client_rank(client_id, tier.rank)
+        if rank > tier.rank:
+            raise ConfigError(
+                key,
+                rank,
+                f"a rank of at most {tier.rank}: tier {tier.name} affords rank {tier.rank} and its "
+                "devices refuse more (for a reference in which every device affords a rank R, "
+                "use profiles whose tiers all have rank >= R)",
+            )
+
+
+def reported_rank_problem(tier: Tier, rank: int) -> str | None:
+    """Why a device's reported budget rank cannot be its tier's (None: it can): a budget is a
+    rank in [1, the tier's rank]."""
+    if not 1 <= rank <= tier.rank:
+        return f"rank {rank!r} outside [1, {tier.rank}]"
+    return None
+
+
+def check_sent_rank(rank: int, budget_rank: int) -> None:
+    """A device refuses to train a rank above its budget."""
+    if rank > budget_rank:
+        raise ValueError(f"sent rank {rank} exceeds this node's budget {budget_rank}")

@@ -96,19 +96,6 @@ class DeviceProfiles:
             raise ConfigError(key, name, f"a tier of {self.source}: {', '.join(self.tiers)}")
         return self.tiers[name]
 
-    def tier_for_memory(self, available_gb: float) -> Tier:
-        """The tier a device picks from measured free memory (``--node-config "tier='auto'"``):
-        the largest ``memory-gb`` that fits, else the smallest tier."""
-        sized = [t for t in self.tiers.values() if t.memory_gb is not None]
-        if not sized:
-            raise ConfigError(
-                "node-config tier", "auto", f"a tier name, or tiers with memory-gb in {self.source}"
-            )
-        fitting = [t for t in sized if t.memory_gb <= available_gb]
-        if not fitting:
-            return min(sized, key=lambda t: t.memory_gb)
-        return max(fitting, key=lambda t: t.memory_gb)
-
     def tier_for_partition(self, partition_id: int, num_partitions: int) -> Tier:
         """The tier of a simulated client; ratios give contiguous blocks in the listed order."""
         if not 0 <= partition_id < num_partitions:

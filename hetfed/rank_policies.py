@@ -15,18 +15,18 @@ asks it (in the spirit of peft's LoRA variants: small objects chosen once):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from hetfed import lora_algebra as la
 from hetfed.adapter_state import LoraPairs
 from hetfed.aggregation import Weights, sparsity_weights
-from hetfed.errors import ConfigError
 from hetfed.rank_pruning import pruned_rank
 from hetfed.wire import Pruning
 
-SPARSITY_WEIGHTINGS = ("sparsity", "sparsity-per-module", "uniform")
-DATA_WEIGHTINGS = ("examples", "uniform")
+SPARSITY_WEIGHTINGS = ("sparsity", "sparsity-per-module", "uniform")  # HetLoRA's
+DATA_WEIGHTINGS = ("uniform", "examples")  # 1 / K, or p_k = n_k / sum(n)
+# HetLoRA's self-pruning as a public reimplementation sets it (docs/methods/hetlora.md)
+DEFAULT_PRUNING = Pruning(gamma=0.99, lam=0.01, min_rank=1)
 
 
 def data_weights(num_examples: Sequence[int], weighting: str = "examples") -> Sequence[float]:
@@ -79,48 +79,25 @@ class UniformRank(TierRanks):
         return data_weights(num_examples, self.weighting)
 
 
-@dataclass(frozen=True)
-class HetLoRAOptions:
-    """HetLoRA's options (``hetlora.*``); defaults from a public reimplementation (methods.md)."""
-
-    prune: bool = True
-    prune_gamma: float = 0.99
-    prune_lambda: float = 0.01
-    min_rank: int = 1
-    weighting: str = "sparsity"
-
-    def __post_init__(self) -> None:
-        if not 0 < self.prune_gamma < 1:
-            raise ConfigError("hetlora.prune-gamma", self.prune_gamma, "a number in (0, 1)")
-        if self.prune_lambda < 0:
-            raise ConfigError("hetlora.prune-lambda", self.prune_lambda, "a number >= 0")
-        if self.min_rank < 1:
-            raise ConfigError("hetlora.min-rank", self.min_rank, "an integer >= 1")
-        if self.weighting not in SPARSITY_WEIGHTINGS:
-            raise ConfigError(
-                "hetlora.weighting", self.weighting, f"one of {', '.join(SPARSITY_WEIGHTINGS)}"
-            )
-
-
 class SelfPruning(TierRanks):
-    """HetLoRA: tier ranks, self-pruning, per-client ranks kept, sparsity weights."""
+    """HetLoRA: tier ranks, self-pruning (``prune``; None: off), per-client ranks kept, and
+    ``weighting`` one of :data:`SPARSITY_WEIGHTINGS`."""
 
-    def __init__(self, global_rank: int, options: HetLoRAOptions) -> None:
+    def __init__(self, global_rank: int, prune: Pruning | None, weighting: str) -> None:
         super().__init__(global_rank)
-        self.options = options
+        self.prune, self.weighting = prune, weighting
         self.ranks: dict[int, int] = {}  # a client's current rank once it has pruned
 
     def client_rank(self, client_id: int, budget_rank: int) -> int:
         return self.ranks.get(client_id, super().client_rank(client_id, budget_rank))
 
     def pruning(self) -> Pruning | None:
-        opts = self.options
-        return Pruning(opts.prune_gamma, opts.prune_lambda, opts.min_rank) if opts.prune else None
+        return self.prune
 
     def allowed_reply_ranks(self, client_id: int, sent_rank: int) -> set[int]:
         allowed = {sent_rank}
-        if self.options.prune:
-            allowed.add(pruned_rank(sent_rank, self.options.prune_gamma, self.options.min_rank))
+        if self.prune is not None:
+            allowed.add(pruned_rank(sent_rank, self.prune.gamma, self.prune.min_rank))
         return allowed
 
     def accept(self, client_id: int, rank: int) -> None:
@@ -128,9 +105,9 @@ class SelfPruning(TierRanks):
 
     def weights(self, replies: Sequence[LoraPairs], num_examples: Sequence[int]) -> Weights:
         """S_k / sum S over the given modules (one S_k per reply, or per module), or 1 / K."""
-        if self.options.weighting == "uniform":
+        if self.weighting == "uniform":
             return data_weights(num_examples, "uniform")
-        return sparsity_weights(replies, self.options.weighting == "sparsity-per-module")
+        return sparsity_weights(replies, self.weighting == "sparsity-per-module")
 
     def state_dict(self) -> dict[str, Any]:
         return {"ranks": {str(client): rank for client, rank in self.ranks.items()}}

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetfed.budgets import Budget, derive_budgets
+from hetfed.budgets import (
+    Budget,
+    check_affordable_ranks,
+    check_deadline_speeds,
+    derive_budgets,
+    local_update,
+)
 from hetfed.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
@@ -22,7 +28,6 @@ from hetfed.checkpoint import (
     resume_folder,
 )
 from hetfed.config import RunSettings, Scalar, parse_run_config, require_runs_on
-from hetfed.cost_model import UpdateShape
 from hetfed.data import load_splits, resolve_source
 from hetfed.device_clock import DeviceClock
 from hetfed.errors import ConfigError
@@ -133,7 +138,7 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
         )
         scored += model.max_new_tokens
     clock = device_clock(settings, len(label_names), scored)
-    check_deadline_speeds(settings, profiles)
+    check_deadline_speeds(settings.round_deadline, profiles)
     classifier = (clock.shape.hidden + 1) * len(label_names)  # a classifier's weight and bias
     head_bytes = 0 if task in CAUSAL_TASKS else 4 * classifier
     derived_tiers = tuple(t.name for t in profiles.auto)
@@ -166,21 +171,13 @@ def plan_run(run_config: Mapping[str, Scalar], project_dir: str | Path | None = 
     rank = strategy.global_rank()
     if not 1 <= rank <= limit:
         raise ConfigError(f"{strategy_name}.rank", rank, f"an integer in [1, {limit}]")
-    check_affordable_ranks(strategy, profiles, f"{strategy_name}.rank")
+    check_affordable_ranks(strategy.rank_policy.client_rank, profiles, f"{strategy_name}.rank")
     return plan
 
 
 def device_clock(settings: RunSettings, num_labels: int, scored: int) -> DeviceClock:
     """The simulated clock of the run's model and local work (:mod:`hetfed.device_clock`)."""
-    work = UpdateShape(
-        rank=1,
-        target_modules=settings.lora.modules(),
-        trained_blocks=(),
-        steps=settings.train.local_steps,
-        batch=settings.train.batch_size,
-        tokens=settings.model.max_length,
-        scored=scored,
-    )
+    work = local_update(settings, rank=1, blocks=(), scored=scored)
     return DeviceClock(
         cost_shape(settings.model, num_labels),
         work,
@@ -188,36 +185,3 @@ def device_clock(settings: RunSettings, num_labels: int, scored: int) -> DeviceC
         settings.round_deadline,
         settings.straggler_policy,
     )
-
-
-def check_deadline_speeds(settings: RunSettings, profiles: DeviceProfiles) -> None:
-    """A round deadline needs every tier's speed: its compute and its bandwidth."""
-    if settings.round_deadline <= 0:
-        return
-    for tier in profiles.tiers.values():
-        for key, value in (
-            ("compute-gflops", tier.compute_gflops),
-            ("bandwidth-mbps", tier.bandwidth_mbps),
-        ):
-            if value is None:
-                raise ConfigError(
-                    f"tiers.{tier.name}.{key}",
-                    None,
-                    f"a number > 0: round-deadline {settings.round_deadline} needs every "
-                    "tier's speed",
-                    profiles.source,
-                )
-
-
-def check_affordable_ranks(strategy: Any, profiles: DeviceProfiles, key: str) -> None:
-    """Every tier is sent a rank within its budget (a device refuses a larger one)."""
-    for client_id, tier in enumerate(profiles.tiers.values()):  # one stand-in client per tier
-        rank = strategy.rank_policy.client_rank(client_id, tier.rank)
-        if rank > tier.rank:
-            raise ConfigError(
-                key,
-                rank,
-                f"a rank of at most {tier.rank}: tier {tier.name} affords rank {tier.rank} and its "
-                "devices refuse more (for a reference in which every device affords a rank R, "
-                "use profiles whose tiers all have rank >= R)",
-            )

@@ -49,11 +49,16 @@ from hetfed.aggregation import padded_weighted_sum
 from hetfed.config import config_key
 from hetfed.errors import ConfigError
 from hetfed.layer_allocation import PATTERNS, pattern_probabilities, sample_layers
-from hetfed.rank_policies import HetLoRAOptions, SelfPruning, TierRanks, UniformRank
+from hetfed.rank_policies import (
+    DATA_WEIGHTINGS,
+    DEFAULT_PRUNING,
+    SelfPruning,
+    TierRanks,
+    UniformRank,
+)
 from strategies.base import LoRAStrategy
 from strategies.replies import ClientUpdate
 
-WEIGHTINGS = ("uniform", "examples")
 RANK_MODES = ("uniform", "hetlora")
 
 
@@ -81,8 +86,8 @@ class LayerOptions:
         return config_key(self.prefix, field_name)
 
     def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(self.key("weighting"), self.weighting, " | ".join(WEIGHTINGS))
+        if self.weighting not in DATA_WEIGHTINGS:
+            raise ConfigError(self.key("weighting"), self.weighting, " | ".join(DATA_WEIGHTINGS))
         if self.ranks not in RANK_MODES:
             raise ConfigError(self.key("ranks"), self.ranks, " | ".join(RANK_MODES))
         if self.rank < 0:
@@ -124,7 +129,7 @@ class LayerStrategy(LoRAStrategy):
 
     def make_rank_policy(self) -> TierRanks:
         if self.options.ranks == "hetlora":
-            return SelfPruning(self.profiles.max_rank, HetLoRAOptions())
+            return SelfPruning(self.profiles.max_rank, DEFAULT_PRUNING, "sparsity")
         return UniformRank(self.options.rank or self.profiles.min_rank, self.options.weighting)
 
     # ------------------------------------------------------------------ layers

@@ -19,6 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from hetfed import seeds, wire
+from hetfed.budgets import reported_rank_problem
 from hetfed.config import RunSettings
 from hetfed.profiles import DeviceProfiles
 
@@ -115,8 +116,9 @@ class NodeRegistry:
         if answer.tier not in profiles.tiers:
             return None, None, f"unknown tier {answer.tier!r}"
         tier = profiles.tiers[answer.tier]
-        if not 1 <= answer.rank <= tier.rank:
-            return None, None, f"rank {answer.rank!r} outside [1, {tier.rank}]"
+        problem = reported_rank_problem(tier, answer.rank)
+        if problem is not None:
+            return None, None, problem
         layers = tier.layer_budget(self.num_layers) if self.num_layers is not None else None
         return answer.client_id, NodeBudget(answer.tier, answer.rank, layers), None
 

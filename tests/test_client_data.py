@@ -89,23 +89,25 @@ def test_the_device_titles_flag_is_not_a_run_config_key():
 
 
 def test_tier_auto_picks_the_largest_tier_that_fits_measured_memory():
+    """Without the server's needs a tier needs its memory-gb less the reserve, and a device has
+    its free memory less the reserve: the same reserve on both sides, so the tier picked is the
+    largest memory-gb that the free memory reaches, whatever the reserve."""
     from client_apps.lora_client import available_memory_gb, node_tier
+    from hetfed.budgets import tier_from_memory
     from hetfed.profiles import parse_profiles
 
-    profiles = parse_profiles(
+    tiers = (
         "tiers: {s: {rank: 2, memory-gb: 2}, m: {rank: 4, memory-gb: 8},"
         " l: {rank: 8, memory-gb: 64}}"
     )
-    assert [profiles.tier_for_memory(gb).name for gb in (1, 2, 7.9, 8, 500)] == [
-        "s",
-        "s",
-        "s",
-        "m",
-        "l",
-    ]
+    for reserve in (0.25, 0.5, 1.5):
+        profiles = parse_profiles(f"{tiers}\nauto: {{memory-reserve-gb: {reserve}}}")
+        picked = [tier_from_memory(profiles, gb).name for gb in (1, 2, 7.9, 8, 500)]
+        assert picked == ["s", "s", "s", "m", "l"]
+    profiles = parse_profiles(tiers)
     measured = available_memory_gb()
     assert measured > 0
-    assert node_tier({"tier": "auto"}, profiles) == profiles.tier_for_memory(measured)
+    assert node_tier({"tier": "auto"}, profiles) == tier_from_memory(profiles, measured)
     assert node_tier({"tier": "l", "partition-id": 0, "num-partitions": 1}, profiles).name == "l"
     with pytest.raises(ConfigError, match="memory-gb"):
         node_tier({"tier": "auto"}, parse_profiles("tiers: {a: {rank: 2}}"))
