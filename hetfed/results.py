@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hetfed.metrics import figures_of
+
 TEST_EXAMPLES = "test_examples.jsonl"
 PROCESS = "process.json"
 
@@ -167,9 +169,12 @@ class ResultsWriter:
         rounds = [r.round for r in self.records]
         fig, ax = plt.subplots(figsize=(6, 4))
         split = self.records[-1].split if self.records else "test"
-        ax.plot(rounds, [r.accuracy for r in self.records], marker="o", label=f"{split} accuracy")
-        if any(r.rouge_l is not None for r in self.records):  # the generation task
-            ax.plot(rounds, [r.rouge_l for r in self.records], marker="s", label="ROUGE-L F1")
+        last = figures_of(self.records[-1]) if self.records else {}
+        plotted = [m for m in last if m.in_unit_interval]  # accuracy, ROUGE-L: one axis
+        for metric, marker in zip(plotted, "osd^v", strict=False):
+            values = [getattr(r, metric.key) for r in self.records]
+            ax.plot(rounds, values, marker=marker, label=f"{split} {metric.label}")
+        if len(plotted) > 1:
             ax.legend()
         ax.set_xlabel("round")
         ax.set_ylabel(f"central {split} score")

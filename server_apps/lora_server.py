@@ -20,7 +20,7 @@ from flwr.common.config import get_project_dir
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from hetfed import adapter_state, wire
+from hetfed import adapter_state, metrics, wire
 from hetfed import lora_algebra as la
 from hetfed.adapter_state import State
 from hetfed.adapters import AdapterHost, LoraSpec
@@ -119,17 +119,13 @@ class ServerRun:
         )
         self.last_round_end = now
         self.writer.add_round(record)
-        rouge = f"  ROUGE-L {record.rouge_l:.4f}" if record.rouge_l is not None else ""
         log(
             INFO,
-            "[hetfed] round %d/%d  %s accuracy %.4f  loss %.4f%s  replied %d/%d  "
-            "down %.2f MB  up %.2f MB  %.1f s",
+            "[hetfed] round %d/%d  %s %s  replied %d/%d  down %.2f MB  up %.2f MB  %.1f s",
             server_round,
             settings.num_server_rounds,
             split,
-            record.accuracy,
-            record.loss,
-            rouge,
+            metrics.describe(record),
             record.replied,
             record.sampled,
             record.bytes_down / 1e6,
@@ -245,7 +241,6 @@ def summarize(job: ServerRun, adapter_dir: Path, test: Evaluation) -> None:
     has one, so nothing is chosen on the test split)."""
     settings, strategy, records = job.plan.settings, job.strategy, job.writer.records
     final = records[-1]
-    best = max(records, key=lambda r: r.accuracy)
     if test.generations:
         job.writer.write_generations(test.generations, job.server.references)
     job.writer.write_test_examples(test.examples())
@@ -253,20 +248,12 @@ def summarize(job: ServerRun, adapter_dir: Path, test: Evaluation) -> None:
     job.writer.write_summary(
         {
             "strategy": strategy.describe(),
-            "final_accuracy": test.accuracy,
-            "final_loss": test.loss,
+            **metrics.final_and_best(test, records),
             # the mean test accuracy of the last test-rounds rounds' global models
             "last_rounds_accuracy": last_rounds_mean(records, settings.test_rounds),
             "test_rounds": settings.test_rounds,
             "evaluated_on": job.server.evaluated_split,
-            "best_accuracy": best.accuracy,
-            "best_round": best.round,
             "initial_accuracy": records[0].accuracy,
-            "final_rouge_l": test.rouge_l,
-            "best_rouge_l": max(
-                (r.rouge_l for r in records if r.rouge_l is not None), default=None
-            ),
-            "final_perplexity": test.perplexity,
             "rounds": settings.num_server_rounds,
             "bytes_down": sum(r.bytes_down for r in records),
             "bytes_up": sum(r.bytes_up for r in records),

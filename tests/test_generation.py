@@ -171,8 +171,11 @@ def test_generation_end_to_end(run_scenario, tiny_config, tmp_path):
     perplexity are recorded, and the exported adapter, loaded with plain peft, generates
     exactly what the server's final evaluation generated."""
     folder = write_pairs(tmp_path / "pairs")
-    config = {**generation_config(folder, tiny_config), "num-server-rounds": 3}
+    config = {**generation_config(folder, tiny_config), "num-server-rounds": 4}
     config["train.local-steps"] = 30
+    # measured: the loss falls to 0.48 of round 0's (3 rounds at lr 0.01 stopped at 0.61, on
+    # the bound, once the seed tree drew another model and partition)
+    config["train.lr"] = 0.02
     proc, results = run_scenario(config)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     rounds = read_metrics(results)

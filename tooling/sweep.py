@@ -45,17 +45,12 @@ import numpy as np
 import yaml
 
 from hetfed.errors import ConfigError
+from hetfed.metrics import BY_TARGET_KEY, Metric, quality
 from hetfed.results import TEST_EXAMPLES, read_metrics
 from tooling.scenarios import run, write_variant
 from tooling.stats import Interval, mean_interval, paired_bootstrap, paired_difference
 
-# the sweep file's target keys: the metric of metrics.jsonl, whether lower is better, its range
-TARGETS = {
-    "target-accuracy": ("accuracy", False, "a number in (0, 1]"),
-    "target-rouge-l": ("rouge_l", False, "a number in (0, 1]"),
-    "target-perplexity": ("perplexity", True, "a number >= 1"),
-}
-SWEEP_KEYS = ("scenario", "seeds", *TARGETS, "baseline", "select-lr", "common", "runs")
+SWEEP_KEYS = ("scenario", "seeds", *BY_TARGET_KEY, "baseline", "select-lr", "common", "runs")
 LR = "train.lr"
 
 
@@ -65,7 +60,12 @@ class Sweep:
     runs: dict[str, dict[str, Any]]
     seeds: tuple[int, ...] = (42,)
     target: float | None = None  # the value of the target metric that counts as reached
-    target_key: str = "target-accuracy"  # which one (TARGETS)
+    target_key: str = "target-accuracy"  # which metric it is on (hetfed.metrics.BY_TARGET_KEY)
+
+    @property
+    def target_metric(self) -> Metric:
+        return BY_TARGET_KEY[self.target_key]
+
     baseline: str | None = None  # a run name: every run's paired difference to it
     select_rounds: int = 0  # select-lr.rounds: the short budget of a step-size candidate
     select_seed: int = 0  # select-lr.seed: a seed apart from the compared ones
@@ -101,17 +101,16 @@ def load_sweep(path: str | Path) -> Sweep:
     seeds = doc.get("seeds", [42])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError("seeds", seeds, "a list of integers", source)
-    targets = [key for key in TARGETS if key in doc]
+    targets = [key for key in BY_TARGET_KEY if key in doc]
     if len(targets) > 1:
         raise ConfigError(
             targets[1], doc[targets[1]], f"only one target key ({targets[0]} is set)", source
         )
     target_key = targets[0] if targets else "target-accuracy"
     target = doc.get(target_key)
-    _, lower, allowed = TARGETS[target_key]
-    in_range = isinstance(target, int | float) and (target >= 1 if lower else 0 < target <= 1)
-    if target is not None and not in_range:
-        raise ConfigError(target_key, target, allowed, source)
+    metric = BY_TARGET_KEY[target_key]
+    if target is not None and not metric.valid_target(target):
+        raise ConfigError(target_key, target, metric.target_allowed(), source)
     baseline = doc.get("baseline")
     if baseline is not None and baseline not in runs:
         raise ConfigError("baseline", baseline, f"one of the runs: {', '.join(runs)}", source)
@@ -203,7 +202,7 @@ def _choose_lr(sweep: Sweep, name: str, out: Path) -> float:
 def select_lr(folders: dict[float, Path], sweep: Sweep) -> dict[str, Any]:
     """The step size whose run ends best on the validation split, by the sweep's target metric
     (its direction), read from ``metrics.jsonl`` only: rounds evaluated on test are refused."""
-    metric, lower, _ = TARGETS[sweep.target_key]
+    metric = sweep.target_metric
     scores = {}
     for lr, folder in folders.items():
         records = read_metrics(folder) if (folder / "metrics.jsonl").is_file() else []
@@ -217,9 +216,9 @@ def select_lr(folders: dict[float, Path], sweep: Sweep) -> dict[str, Any]:
                 "validation split, never on the test split",
                 str(folder),
             )
-        scores[lr] = records[-1][metric]
-    best = (min if lower else max)(scores, key=scores.get)
-    return {"selected": best, "metric": metric, "scores": scores, "runs": len(scores)}
+        scores[lr] = records[-1][metric.key]
+    best = metric.best_of(scores)
+    return {"selected": best, "metric": metric.key, "scores": scores, "runs": len(scores)}
 
 
 def when_reached(records: list[dict[str, Any]], sweep: Sweep, key: str = "round") -> float | None:
@@ -227,12 +226,10 @@ def when_reached(records: list[dict[str, Any]], sweep: Sweep, key: str = "round"
     reaches the sweep's target; None when no round does (or there is no target)."""
     if sweep.target is None:
         return None
-    metric, lower, _ = TARGETS[sweep.target_key]
-
-    def reached(value: float | None) -> bool:
-        return value is not None and (value <= sweep.target if lower else value >= sweep.target)
-
-    return next((r.get(key) for r in records if reached(r.get(metric))), None)
+    metric = sweep.target_metric
+    return next(
+        (r.get(key) for r in records if metric.reached(r.get(metric.key), sweep.target)), None
+    )
 
 
 def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
@@ -301,7 +298,7 @@ def _rounded(value: float | None) -> float | None:
 
 
 # The quality figures of the generation task (in place of accuracy in the comparison table).
-GENERATION_QUALITY = ("final_rouge_l", "final_perplexity")
+GENERATION_QUALITY = tuple(f"final_{m.key}" for m in quality(generation=True))
 # The quality figures of a run (tables print them to three decimals).
 QUALITY = (
     "final_accuracy",
@@ -369,13 +366,9 @@ def summary_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any
                 summary[f"{metric}_vs_baseline"] = paired_difference(
                     seed_values(rows, name, metric), seed_values(rows, sweep.baseline, metric)
                 )
-            metric, field = (
-                ("final_rouge_l", "rouge_l")
-                if is_generation(rows)
-                else ("final_accuracy", "correct")
-            )
-            summary[f"{metric}_vs_baseline_bootstrap"] = paired_bootstrap(
-                test_example_pairs(rows, name, sweep.baseline, field)
+            compared = quality(is_generation(rows))[0]
+            summary[f"final_{compared.key}_vs_baseline_bootstrap"] = paired_bootstrap(
+                test_example_pairs(rows, name, sweep.baseline, compared.per_example)
             )
         summaries.append(summary)
     return summaries
@@ -429,14 +422,12 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
             writer.writerow(flat)
     (out / "comparison.md").write_text(comparison_markdown(rows, summaries, sweep), "utf-8")
     # exact match of free-form text is ~0: a generation sweep plots ROUGE-L in its place
-    if is_generation(rows):
-        quality, label = "rouge_l", "ROUGE-L F1 of greedy generations"
-    else:
-        quality, label = "accuracy", "central test accuracy"
-    plot_curves(rows, sweep, quality, label, out / f"{quality}.png")
+    compared = quality(is_generation(rows))[0]
+    key, label = compared.key, f"central {compared.label}"
+    plot_curves(rows, sweep, key, label, out / f"{key}.png")
     plot_curves(rows, sweep, "loss", "central test loss", out / "loss.png")
     if any(r.get("simulated_seconds") for r in rows):  # the device clock ran: against its time
-        plot_curves(rows, sweep, quality, label, out / f"{quality}_vs_time.png", "simulated")
+        plot_curves(rows, sweep, key, label, out / f"{key}_vs_time.png", "simulated")
 
 
 def _csv_number(value: float) -> str:
@@ -528,11 +519,11 @@ def comparison_markdown(
         cells = ["" if row.get(c) is None else str(row.get(c)) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     if sweep.target is not None:
-        metric, lower, _ = TARGETS[sweep.target_key]
+        metric = sweep.target_metric
         lines.append(
-            f"\nrounds_to_target, simulated_to_target: the first round with {metric} "
-            f"{'<=' if lower else '>='} {sweep.target}, and the simulated device seconds until "
-            "its end"
+            f"\nrounds_to_target, simulated_to_target: the first round with {metric.key} "
+            f"{'>=' if metric.higher_is_better else '<='} {sweep.target}, and the simulated "
+            "device seconds until its end"
         )
     return "\n".join(lines) + "\n"
 
