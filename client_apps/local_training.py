@@ -22,7 +22,8 @@ from hetfed import adapter_state, seeds, wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.budgets import check_sent_rank
 from hetfed.config import RunSettings, parse_run_config, require_runs_on
-from hetfed.data import DataConfig, load_partition, load_splits, require_known_labels
+from hetfed.data import load_partition, load_splits, require_known_labels
+from hetfed.data_config import DataConfig
 from hetfed.models import ModelConfig, cached_model, compute_device
 from hetfed.rank_pruning import keep_rank, pruned_rank, tail_penalty, tail_score
 from hetfed.training import Encoded, TrainResult, encode_split, train_steps

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hetfed.data import DataConfig
+from hetfed.data_config import DataConfig
 from hetfed.errors import ConfigError
 from hetfed.models import ModelConfig, require_base_runs
 from hetfed.scaling import SCALING_RULES

@@ -28,7 +28,8 @@ from hetfed.checkpoint import (
     resume_folder,
 )
 from hetfed.config import RunSettings, Scalar, parse_run_config, require_runs_on
-from hetfed.data import load_splits, resolve_source
+from hetfed.data import load_splits
+from hetfed.data_sources import resolve_source
 from hetfed.device_clock import DeviceClock
 from hetfed.errors import ConfigError
 from hetfed.instructions import generation_layout, prompt_layout

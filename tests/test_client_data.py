@@ -9,7 +9,8 @@ import pytest
 
 from client_apps.local_training import server_label_ids
 from hetfed.config import RunSettings, known_keys, parse_run_config
-from hetfed.data import DataConfig, load_splits
+from hetfed.data import load_splits
+from hetfed.data_config import DataConfig
 from hetfed.errors import ConfigError
 
 

@@ -11,7 +11,9 @@ import datasets
 import pytest
 
 from hetfed import data
-from hetfed.data import DataConfig, clear_cache, load_partition, load_splits, resolve_source
+from hetfed.data import clear_cache, load_partition, load_splits
+from hetfed.data_config import DataConfig
+from hetfed.data_sources import resolve_source
 from hetfed.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -329,3 +331,32 @@ def test_bad_partition_counts():
         load_partition(DataConfig(partitioner="pathological", classes_per_partition=6), 0, 4)
     with pytest.raises(ConfigError, match="data.server-examples.*5000"):
         load_splits(DataConfig(server_examples=5000))
+
+
+def test_a_registered_reader_reads_its_own_kind_of_source(monkeypatch):
+    """A new kind of source is one small reader: it recognises its sources, reads rows, and
+    splitting and partitioning are the same as for every other source."""
+    from hetfed import data_sources
+    from hetfed.data_sources import RawSource, Rows, SourceReader, find_reader, register_reader
+
+    class Repeated(SourceReader):
+        kind = "repeated words"
+
+        def locate(self, source):
+            return int(source.removeprefix("repeat:")) if source.startswith("repeat:") else None
+
+        def read(self, location, cfg):
+            words = ["alpha", "beta", "gamma"]
+            texts = [f"{words[i % 3]} {i}" for i in range(location)]
+            return RawSource(Rows(texts, [words[i % 3] for i in range(location)]), None, None)
+
+    monkeypatch.setattr(data_sources, "READERS", list(data_sources.READERS))
+    register_reader(Repeated())
+    assert isinstance(find_reader("repeat:90")[0], Repeated)
+    assert find_reader("bbc-news")[0].kind == "packaged corpus"  # the built-ins still answer
+    splits = load_splits(DataConfig(source="repeat:90", test_fraction=0.2))
+    assert splits.label_names == ["alpha", "beta", "gamma"]
+    assert (len(splits.train), len(splits.test)) == (72, 18)
+    assert not set(splits.train["text"]) & set(splits.test["text"])
+    with pytest.raises(ConfigError, match="data.source"):
+        find_reader("no such source.csv")

@@ -14,7 +14,8 @@ from peft import PeftModel
 
 from hetfed.adapters import AdapterHost
 from hetfed.checkpoint import load_checkpoint
-from hetfed.data import DataConfig, load_splits
+from hetfed.data import load_splits
+from hetfed.data_config import DataConfig
 from hetfed.models import ModelConfig, build_classifier, build_model
 from hetfed.results import read_metrics
 from hetfed.training import encode, encode_for_task, evaluate

@@ -13,7 +13,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from hetfed.data import DataConfig, load_splits
+from hetfed.data import load_splits
+from hetfed.data_config import DataConfig
 from hetfed.errors import ConfigError
 from hetfed.generation import (
     evaluate_generation,

@@ -12,7 +12,9 @@ import datasets
 import pytest
 
 from hetfed.config import parse_run_config
-from hetfed.data import DataConfig, DataSplits, bbc_news_folder, load_partition, load_splits
+from hetfed.data import DataSplits, load_partition, load_splits
+from hetfed.data_config import DataConfig
+from hetfed.data_sources import bbc_news_folder
 from hetfed.errors import ConfigError
 
 TOPICS = ("film", "money", "sport")

@@ -8,7 +8,7 @@ import torch
 
 from hetfed import adapter_state, wire
 from hetfed.config import RunSettings
-from hetfed.data import DataConfig
+from hetfed.data_config import DataConfig
 from hetfed.errors import ConfigError
 from hetfed.models import ModelConfig
 from hetfed.server_model import ServerModel

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hetfed.adapters import AdapterHost, LoraSpec
-from hetfed.data import DataConfig, load_splits
+from hetfed.data import load_splits
+from hetfed.data_config import DataConfig
 from hetfed.errors import ConfigError
 from hetfed.instructions import IGNORE, answer_ids, encode_instructions, end_token_id
 from hetfed.models import (

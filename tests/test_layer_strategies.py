@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from hetfed import adapter_state, wire
 from hetfed.config import LoraSettings, RunSettings, parse_run_config
-from hetfed.data import DataConfig
+from hetfed.data_config import DataConfig
 from hetfed.errors import ConfigError
 from hetfed.layer_allocation import fisher_probabilities, pattern_probabilities
 from hetfed.models import ModelConfig

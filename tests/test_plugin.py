@@ -17,7 +17,8 @@ from safetensors.numpy import load_file
 
 from hetfed import adapter_state, seeds, wire
 from hetfed.adapters import AdapterHost, LoraSpec
-from hetfed.data import DataConfig, load_splits
+from hetfed.data import load_splits
+from hetfed.data_config import DataConfig
 from hetfed.errors import ConfigError
 from hetfed.models import ModelConfig, build_classifier
 from hetfed.results import read_metrics

@@ -17,7 +17,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from client_apps.local_training import worker_for
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import RunSettings, parse_run_config, require_runs_on, setting
-from hetfed.data import DataConfig, load_splits
+from hetfed.data import load_splits
+from hetfed.data_config import DataConfig
 from hetfed.errors import ConfigError
 from hetfed.models import ModelConfig, build_model
 from hetfed.training import TrainConfig, encode_for_task, evaluate, train_steps

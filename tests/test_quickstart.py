@@ -11,7 +11,8 @@ import time
 import pytest
 from peft import PeftModel
 
-from hetfed.data import DataConfig, load_splits
+from hetfed.data import load_splits
+from hetfed.data_config import DataConfig
 from hetfed.models import ModelConfig, build_classifier
 from hetfed.results import read_metrics
 from hetfed.training import encode, evaluate
