@@ -408,3 +408,57 @@ def _check_probabilities(probabilities: np.ndarray) -> np.ndarray:
     if abs(total - 1.0) > _SUM_TOLERANCE:
         raise ValueError(f"probabilities must sum to 1, got {total:.8g}")
     return p / total
+
+
+# --------------------------------------------------------------------------------------------
+# FedRA
+# --------------------------------------------------------------------------------------------
+
+
+def allocation_matrix(
+    rng: np.random.Generator, budgets: Sequence[int], num_layers: int, cover: bool = False
+) -> np.ndarray:
+    """FedRA's random allocation matrix M (clients x layers, bool): row c holds ``budgets[c]``
+    distinct layers, M[c, l] = 1 when client c trains layer l this round.
+
+    Su, Li and Xue, "FedRA: A Random Allocation Strategy for Federated Tuning to Unleash the
+    Power of Heterogeneous Clients", ECCV 2024 (arXiv 2311.11227). A budget of L gives a full
+    row and draws nothing.
+
+    - ``cover=False`` [code]: each row with K_c < L is a uniformly random K_c-subset, drawn in
+      the order of ``budgets`` as :func:`sample_layers` with the uniform p draws it (the authors'
+      ``np.random.choice(L, K_c, replace=False)`` per client). This is RGD-HLA's draw with the
+      uniform pattern: the same rows from the same generator. A layer may be left to nobody.
+    - ``cover=True`` [choice; the authors' code has a disabled repair loop for it]: a random
+      order of the clients and a random permutation of the layers; each client in turn takes the
+      next min(K_c, left) layers of the permutation that nobody has yet, then fills the rest of
+      its budget with a uniform draw among the layers it does not hold. Every layer is covered
+      when sum K_c >= L; otherwise sum K_c distinct layers are, the most the budgets allow. The
+      procedure treats every layer alike, so each row is still a uniformly random K_c-subset;
+      only the rows' joint law changes (they avoid each other while layers are uncovered).
+
+    Raises ValueError for an empty budget list or a budget outside [1, L].
+    """
+    num_layers = _positive_int(num_layers, "num_layers")
+    checked = [_budget(b, num_layers, f"budgets[{c}]") for c, b in enumerate(budgets)]
+    if not checked:
+        raise ValueError("budgets is empty: expected at least one client budget")
+    matrix = np.zeros((len(checked), num_layers), dtype=bool)
+    if not cover:
+        uniform = np.full(num_layers, 1.0 / num_layers)
+        for client, budget in enumerate(checked):
+            if budget == num_layers:
+                matrix[client] = True
+            else:
+                matrix[client, sample_layers(rng, budget, uniform)] = True
+        return matrix
+    order = rng.permutation(len(checked))
+    uncovered = rng.permutation(num_layers).tolist()
+    for client in order.tolist():
+        budget = checked[client]
+        fresh, uncovered = uncovered[:budget], uncovered[budget:]
+        matrix[client, fresh] = True
+        if budget > len(fresh):
+            others = np.flatnonzero(~matrix[client])
+            matrix[client, rng.choice(others, budget - len(fresh), replace=False)] = True
+    return matrix

@@ -52,14 +52,18 @@ import scipy.linalg
 
 __all__ = [
     "FILLERS",
+    "add_exact_residual",
     "add_stacked_product",
     "average_per_rank_index",
+    "energy_rank",
     "factored_svd",
     "factored_svd_flops",
+    "fair_correction",
     "low_rank_factors",
     "normalize_weights",
     "pad",
     "padded_sum",
+    "partitioned_svd",
     "product_frobenius_norm",
     "stack",
     "svd_factors",
@@ -655,3 +659,184 @@ def low_rank_factors(matrix: np.ndarray, rtol: float = 1e-6) -> tuple[np.ndarray
     keep = max(1, int(np.sum(s > rtol * s[0])) if s.size and s[0] > 0 else 1)
     dtype = _out_dtype(m)
     return (u[:, :keep] * s[:keep]).astype(dtype), vt[:keep].astype(dtype)
+
+
+# ------------------------------------------------- FLoRIST, raFLoRA and LoRA-FAIR (per matrix)
+
+
+def energy_rank(s: np.ndarray, threshold: float) -> int:
+    """FLoRIST's singular value thresholding: the fewest leading components that keep a
+    ``threshold`` share of the squared singular-value energy,
+
+        p = min { p : sum_{i < p} S_i^2 >= threshold * sum_i S_i^2 }.
+
+    Ramesh and Dass, "FLoRIST: Singular Value Thresholding for Efficient and Accurate Federated
+    Fine-Tuning of Large Language Models", arXiv 2506.09199 (the authors' code: the first index
+    whose cumulative energy share reaches the threshold, plus one). ``s`` must be non-negative and
+    non-increasing, ``0 < threshold <= 1``. Summed in float64; where rounding leaves the total share
+    just under the threshold every component is kept. All-zero ``s`` (no update) gives 1, the least
+    rank a LoRA module can have.
+    """
+    s = np.asarray(s, dtype=np.float64)
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError(f"s must be a non-empty 1-D vector of singular values; got {s.shape}")
+    if np.any(s < 0) or np.any(np.diff(s) > 0):
+        raise ValueError("s must be non-negative and non-increasing (singular values, descending)")
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not 0 < threshold <= 1
+    ):
+        raise ValueError(f"threshold must be a number in (0, 1]; got {threshold!r}")
+    energy = np.cumsum(s**2)
+    if energy[-1] <= 0:
+        return 1
+    first = int(np.searchsorted(energy, threshold * energy[-1], side="left"))
+    return min(first + 1, s.size)
+
+
+def partitioned_svd(
+    bs: Sequence[np.ndarray],
+    as_: Sequence[np.ndarray],
+    weights: Sequence[float],
+    rank: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """raFLoRA's aggregate: leading ``rank`` singular triplets of the rank-partitioned sum
+
+        W = sum_j sum_{k in K_j} (w_k / sum_{h in K_j} w_h) B_k[:, I_j] A_k[I_j, :],
+
+    where ``r_(1) < r_(2) < ...`` are the distinct client ranks (``r_(0) = 0``), partition
+    ``I_j = r_(j-1) .. r_(j) - 1`` and ``K_j = {k : r_k >= r_(j)}`` the clients whose rank covers
+    it. Each partition is thus averaged only over the clients that hold it, with the weights
+    renormalised within them. Wu, Hu, Min and Wang, "Preventing Rank Collapse in Federated
+    Low-Rank Adaptation with Client Heterogeneity", arXiv 2602.13486 (raFLoRA: rank-partitioned
+    aggregation, then FlexLoRA's SVD redistribution).
+
+    Every client in ``K_j`` holds every index of ``I_j`` and no other client holds any, so this is
+    also the per-rank-index weighting ``w_k / sum_{h: r_h > i} w_h`` of index ``i``; with one rank
+    it is :func:`factored_svd` of ``sum_k w_k B_k A_k`` (FlexLoRA). The partition pieces are
+    views of the replies passed to :func:`factored_svd` as clients of their own, so the same
+    routes and memory bounds hold: ``W`` (``d_out x d_in``) is never formed while
+    ``R = sum r_k < min(d_out, d_in)``. A partition whose holders all have weight 0 adds nothing.
+    ``1 <= rank <= min(d_out, d_in, R)``.
+    """
+    bs, as_, w = _check_clients(bs, as_, weights)
+    ranks = [b.shape[1] for b in bs]
+    part_bs, part_as, part_w = [], [], []
+    low = 0
+    for high in sorted(set(ranks)):
+        holders = [k for k, r in enumerate(ranks) if r >= high]
+        total = float(w[holders].sum())
+        for k in holders:
+            part_bs.append(bs[k][:, low:high])
+            part_as.append(as_[k][low:high, :])
+            part_w.append(float(w[k]) / total if total > 0 else 0.0)
+        low = high
+    return factored_svd(part_bs, part_as, part_w, rank)
+
+
+def fair_correction(
+    bs: Sequence[np.ndarray],
+    as_: Sequence[np.ndarray],
+    weights: Sequence[float],
+    rank: int,
+    lam: float,
+    product_weights: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """LoRA-FAIR's server-side correction: ``(B_avg + dB, A_avg)``.
+
+    Bian, Wang, Zhang and Xu, "LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and
+    Initialization Refinement", ICCV 2025 (arXiv 2411.14961). With the factors zero-padded to
+    ``rank`` (:func:`padded_sum`), ``B_avg = sum_k w_k B~_k``, ``A_avg = sum_k w_k A~_k`` and the
+    ideal update ``dW = sum_k v_k B_k A_k`` (``v = product_weights``, default ``w``), ``dB``
+    minimises ``||(B_avg + dB) A_avg - dW||_F^2 + lam ||dB||_F^2``:
+
+        dB = (dW - B_avg A_avg) A_avg^T (A_avg A_avg^T + lam I)^+
+
+    (the inverse for ``lam > 0``; for ``lam = 0`` the pseudo-inverse, the least-norm solution
+    when ``A_avg`` has dependent rows). ``dW`` is never formed, whatever the sizes:
+    ``dW A_avg^T = sum_k v_k B_k (A_k A_avg^T)`` and ``B_avg A_avg A_avg^T = B_avg G``, so the
+    work is ``O((d_out + d_in) R rank)`` for ``R = sum r_k`` with ``rank x rank`` systems.
+
+    ``rank`` must be at least every client's rank, ``lam`` finite and ``>= 0``. The averages are
+    accumulated as :func:`padded_sum` does (the inputs' dtype), the correction in float64; both
+    returned in the inputs' common dtype.
+    """
+    bs, as_, w = _check_clients(bs, as_, weights)
+    v = w if product_weights is None else _check_weights(product_weights, count=len(bs))
+    rank = _check_grown_rank(rank, max(b.shape[1] for b in bs), "the largest client rank")
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
+        raise ValueError(f"lam must be a finite number; got {lam!r}")
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0; got {lam!r}")
+    dtype = _out_dtype(*bs, *as_)
+    b_avg, a_avg = _padded_sum(bs, as_, w, rank, "zero")
+    a64 = a_avg.astype(np.float64)
+    gram = a64 @ a64.T  # rank x rank
+    target = np.zeros((b_avg.shape[0], rank))  # dW A_avg^T, one reply at a time
+    for vk, b, a in zip(v.tolist(), bs, as_, strict=True):
+        target += vk * (b.astype(np.float64) @ (a.astype(np.float64) @ a64.T))
+    residual = target - b_avg.astype(np.float64) @ gram  # (dW - B_avg A_avg) A_avg^T
+    # Symmetric positive (semi)definite; the cut-off only matters for lam = 0 and a singular G.
+    inverse = np.linalg.pinv(gram + lam * np.eye(rank), rcond=1e-12, hermitian=True)
+    corrected = b_avg.astype(np.float64) + residual @ inverse
+    return corrected.astype(dtype, copy=False), a_avg
+
+
+# -------------------------------------------------------------------- FedEx-LoRA (per matrix)
+
+
+def add_exact_residual(
+    c: np.ndarray | None,
+    bs: Sequence[np.ndarray],
+    as_: Sequence[np.ndarray],
+    weights: Sequence[float],
+    b: np.ndarray,
+    a: np.ndarray,
+    scaling: float,
+) -> np.ndarray:
+    """``C + sum_k w_k B_k A_k - scaling * B A``: FedEx-LoRA's residual folded into the base.
+
+    Singhal, Ponkshe and Vepakomma, "Exact Aggregation for Federated and Efficient Fine-Tuning of
+    Foundation Models", ACL 2025 (arXiv 2410.09432). The server keeps the averaged factors
+    ``B, A`` as the global adapter (scaling ``s``) and adds the residual of the average to the
+    frozen weight's delta ``C``, so that with ``w_k = p_k s_k``
+
+        W0 + C' + s B A = W0 + C + sum_k p_k s_k B_k A_k
+
+    whatever ``B`` and ``A`` are: the global model moves by exactly the weighted sum of the
+    clients' products (ranks may differ). ``C = None`` is a zero matrix (the first residual).
+
+    One product of stacks, ``[B_1 | ... | B_K | B] [w_1 A_1; ...; w_K A_K; -s A]``
+    (``2 d_out d_in (R + r)`` flops for ``R = sum r_k``), added by BLAS gemm in place to a copy
+    of ``C``: no ``d_out x d_in`` temporary besides the result. Weights are used as given and
+    must be non-negative; ``scaling`` must be finite and ``>= 0``. Computed in the common dtype
+    of ``C`` and the factors (float32 deltas and replies: float32, as
+    :func:`add_stacked_product`) and returned in it; ``C`` is not modified.
+    """
+    bs, as_, w = _check_clients(bs, as_, weights)
+    b, a = _check_pair(b, a, "[global]")
+    d_out, d_in = bs[0].shape[0], as_[0].shape[1]
+    if b.shape[0] != d_out or a.shape[1] != d_in:
+        raise ValueError(
+            f"the global pair has B {b.shape} and A {a.shape}; allowed: d_out={d_out} and "
+            f"d_in={d_in}, those of the clients"
+        )
+    if (
+        isinstance(scaling, bool)
+        or not isinstance(scaling, numbers.Real)
+        or not math.isfinite(scaling)
+        or scaling < 0
+    ):
+        raise ValueError(f"scaling must be a finite number >= 0; got {scaling!r}")
+    if c is not None:
+        c = _as_matrix(c, "c")
+        if c.shape != (d_out, d_in):
+            raise ValueError(f"c has shape {c.shape}; allowed: (d_out, d_in) = {(d_out, d_in)}")
+    dtype = _out_dtype(*bs, *as_, b, a, *(() if c is None else (c,)))
+    stacked_b = np.concatenate([*bs, b], axis=1, dtype=dtype)
+    stacked_a = _scaled_concat([*as_, a], np.append(w, -float(scaling)), 0, dtype)
+    out = np.zeros((d_out, d_in), dtype) if c is None else np.array(c, dtype=dtype, order="C")
+    gemm = scipy.linalg.get_blas_funcs("gemm", (out,))
+    # (C + B_s A_s)^T = A_s^T B_s^T + C^T on Fortran-ordered views, in place (see above).
+    return gemm(1.0, stacked_a.T, stacked_b.T, beta=1.0, c=out.T, overwrite_c=True).T

@@ -38,6 +38,7 @@ class Stream(IntEnum):
     BATCH_ORDER = 14  # a training loop's shuffles (a client's local steps, HeLoRA-KD's epochs)
     DROPOUT = 15  # a training loop's dropout draws
     VALIDATION_SPLIT = 16  # data: the validation split (data.validation-examples)
+    FEDRA_ALLOCATION = 17  # FedRA's allocation matrix of a round (and retry attempt)
 
 
 def sequence(seed: int, stream: Stream, *where: int) -> np.random.SeedSequence:
@@ -103,3 +104,9 @@ def initial_adapter_seed(seed: int) -> int:
 def model_seed(seed: int) -> int:
     """The base model's random parts (a classifier's head), the same on every process."""
     return integer_seed(seed, Stream.MODEL)
+
+
+def fedra_allocation_rng(seed: int, server_round: int, attempt: int) -> np.random.Generator:
+    """FedRA's allocation matrix: the transformer blocks of every client of a round (or its
+    retry ``attempt``), drawn together."""
+    return rng(seed, Stream.FEDRA_ALLOCATION, server_round, attempt)

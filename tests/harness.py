@@ -99,6 +99,31 @@ def train_round(strategy, state, reply_fn, server_round=1, grid=None, with_layer
     return messages, (wire.from_record(arrays) if arrays is not None else None)
 
 
+def sent_product(msg, module):
+    """What a train message gives its client for ``module``: (rank, s_k, s_k B_k A_k in
+    float64), s_k the scaling it is told to train at."""
+    config = msg.content[wire.CONFIG]
+    rank, scaling = int(config[wire.RANK]), float(config[wire.LORA_SCALING])
+    arrays = wire.from_record(msg.content[wire.ARRAYS])
+    b = arrays[f"{module}.lora_B.weight"].astype(np.float64)
+    a = arrays[f"{module}.lora_A.weight"].astype(np.float64)
+    assert b.shape[1] == a.shape[0] == rank
+    return rank, scaling, scaling * b @ a
+
+
+def random_replies(rng, ranks, d_out, d_in):
+    """One LoRA module "m" per reply: float32 random factors of the given ranks."""
+    return [
+        {
+            "m": (
+                rng.normal(size=(d_out, r)).astype(np.float32),
+                rng.normal(size=(r, d_in)).astype(np.float32),
+            )
+        }
+        for r in ranks
+    ]
+
+
 def trained(rng, n_examples=None, rank_override=None, mutate=None):
     """A reply function returning random 'trained' arrays of the sent shapes."""
     sent = {}

@@ -20,6 +20,10 @@ RANK_METHODS = [
     "flora",
     "flexlora",
     "rbla",
+    "florist",
+    "raflora",
+    "lora-fair",
+    "fedex-lora",
 ]
 
 

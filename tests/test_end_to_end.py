@@ -43,7 +43,7 @@ tiers:
 assignment:
   ratios: {small: 2, medium: 1, large: 1}
 """
-LAYER_METHODS = ("gd-hla", "rgd-hla", "fim-hla")
+LAYER_METHODS = ("gd-hla", "rgd-hla", "fim-hla", "fedra")
 # Every method runs end to end; the default run takes one per code path (merging base deltas,
 # server-side distillation, server-side Fisher), CI's slow job the rest.
 SLOW = pytest.mark.slow
@@ -139,6 +139,11 @@ def test_a_run_with_a_validation_split_reads_test_for_the_final_model_only(
         pytest.param("gd-hla", marks=SLOW),
         pytest.param("rgd-hla", marks=SLOW),
         "fim-hla",
+        pytest.param("florist", marks=SLOW),
+        pytest.param("raflora", marks=SLOW),
+        pytest.param("lora-fair", marks=SLOW),
+        pytest.param("fedex-lora", marks=SLOW),
+        pytest.param("fedra", marks=SLOW),
     ],
 )
 def test_strategy_learns_end_to_end(run_scenario, tiny_config, tmp_path, strategy):

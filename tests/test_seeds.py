@@ -26,6 +26,7 @@ def run_streams(seed: int) -> dict[tuple, int]:
     for t, a in itertools.product(ROUNDS, ATTEMPTS):
         draws["sampling", t, a] = _first_word(seeds.sampling_rng(seed, t, a))
         draws["faults", t, a] = _first_word(seeds.fault_rng(seed, t, a))
+        draws["fedra", t, a] = _first_word(seeds.fedra_allocation_rng(seed, t, a))
     for t, c in itertools.product(ROUNDS, CLIENTS):
         draws["layers", t, c] = _first_word(seeds.layer_rng(seed, t, c))
         local = seeds.local_seed(seeds.round_seed(seed, t), c)
@@ -37,7 +38,12 @@ def run_streams(seed: int) -> dict[tuple, int]:
         draws["round", t] = seeds.round_seed(seed, t)
     draws["initial-adapter"] = seeds.initial_adapter_seed(seed)
     draws["model"] = seeds.model_seed(seed)
-    for stream in (Stream.TEST_SPLIT, Stream.SERVER_SPLIT, Stream.TEST_SUBSET):
+    for stream in (
+        Stream.TEST_SPLIT,
+        Stream.SERVER_SPLIT,
+        Stream.TEST_SUBSET,
+        Stream.VALIDATION_SPLIT,
+    ):
         draws[stream.name] = _first_word(seeds.rng(seed, stream))
     for split in range(3):
         draws["shuffle", split] = _first_word(seeds.rng(seed, Stream.SHUFFLE, split))
