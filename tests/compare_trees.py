@@ -38,13 +38,19 @@ CONFIGS: dict[str, dict] = {
     "fedit": {"strategy": "fedit"},
     "zeropad": {"strategy": "zeropad"},
     "helora-pad": {"strategy": "helora-pad"},
-    "helora-kd": {"strategy": "helora-kd", "data.server-examples": 40},
+    "helora-kd": {"strategy": "helora-kd", "data.server-examples": 64},
     "flora": {"strategy": "flora"},
     "flexlora": {"strategy": "flexlora"},
     "rbla": {"strategy": "rbla"},
     "gd-hla": {"strategy": "gd-hla"},
     "rgd-hla": {"strategy": "rgd-hla"},
-    "fim-hla": {"strategy": "fim-hla", "data.server-examples": 40},
+    "fim-hla": {
+        "strategy": "fim-hla",
+        "data.server-examples": 16,
+        "fim-hla.examples": 16,
+        "fim-hla.period": 1,
+        "fim-hla.first-round": 1,
+    },
     # faults and retries: the round's attempts and what was sent (RoundState)
     "hetlora-faults": {
         "strategy": "hetlora",
@@ -139,16 +145,24 @@ def main() -> int:
             prints = {}
             for label, tree in (("this", REPO), ("base", base_tree)):
                 env, link = tree_env(tree, root / f"flwr-{label}")
+                prints[label] = {}
                 try:
-                    prints[label] = {
-                        name: fingerprint(
-                            run_config(tree, name, CONFIGS[name], corpus, root / label, env)
-                        )
-                        for name in names
-                    }
+                    for name in names:
+                        try:
+                            results = run_config(
+                                tree, name, CONFIGS[name], corpus, root / label, env
+                            )
+                        except RuntimeError as err:  # a row of the report, not the end of it
+                            print(err, file=sys.stderr)
+                            continue
+                        prints[label][name] = fingerprint(results)
                 finally:
                     stop_superlinks_on(link)
             for name in names:
+                if name not in prints["base"] or name not in prints["this"]:
+                    print(f"{name}: FAILED in {[k for k in prints if name not in prints[k]]}")
+                    failed += 1
+                    continue
                 found = differences(prints["base"][name], prints["this"][name])
                 rounds = len(prints["this"][name]["rounds"]) - 1
                 arrays = len(prints["this"][name]["state"])
