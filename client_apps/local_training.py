@@ -22,11 +22,11 @@ from hetfed import adapter_state, seeds, wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.budgets import check_sent_rank
 from hetfed.config import RunSettings, parse_run_config, require_runs_on
-from hetfed.data import load_partition, load_splits, require_known_labels
+from hetfed.data import load_partition, load_splits, local_split, require_known_labels
 from hetfed.data_config import DataConfig
 from hetfed.models import ModelConfig, cached_model, compute_device
 from hetfed.rank_pruning import keep_rank, pruned_rank, tail_penalty, tail_score
-from hetfed.training import Encoded, TrainResult, encode_split, train_steps
+from hetfed.training import Encoded, TrainResult, encode_split, evaluate, train_steps
 
 
 @dataclass
@@ -59,15 +59,21 @@ def _host(model_config: ModelConfig, num_labels: int, seed: int) -> tuple[Adapte
     return AdapterHost(model), tokenizer
 
 
+TRAIN_PART, TEST_PART = "train", "test"  # a client's examples: what it trains on, its own test
+
+
 @lru_cache(maxsize=64)
 def _encoded_partition(
-    settings: RunSettings, data: DataConfig, partition: tuple[int, int] | None
+    settings: RunSettings, data: DataConfig, partition: tuple[int, int] | None, part: str
 ) -> Encoded:
     worker = worker_for(settings)
     if partition is None:
         dataset = load_splits(data).train
     else:
         dataset = load_partition(data, *partition)
+    if data.local_test_fraction > 0:  # federated evaluation: hold out the client's own test
+        train, test = local_split(dataset, data, partition[0] if partition else 0)
+        dataset = test if part == TEST_PART else train
     labels = list(dataset["label"])
     if data != settings.data:  # a device's own data: number its labels as the server does
         labels = server_label_ids(settings, data, labels)
@@ -84,15 +90,16 @@ def server_label_ids(settings: RunSettings, data: DataConfig, labels: list[int])
     return [to_run[label] for label in labels]
 
 
-def local_data(settings: RunSettings, node_config: dict) -> Encoded:
-    """This node's training examples: its simulated partition, or its own data path."""
+def local_data(settings: RunSettings, node_config: dict, part: str = TRAIN_PART) -> Encoded:
+    """This node's training examples (or, ``part = "test"``, its local test split): from its
+    simulated partition, or its own data path."""
     data = settings.data
     if NODE_DATA in node_config:
         data = data.on_device(str(node_config[NODE_DATA]))
     partition = None
     if PARTITION_ID in node_config and NUM_PARTITIONS in node_config:
         partition = (int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS]))
-    return _encoded_partition(settings, data, partition)
+    return _encoded_partition(settings, data, partition, part)
 
 
 def _in_layers(state: dict, layers: tuple[int, ...] | None) -> dict:
@@ -245,6 +252,22 @@ def reply_message(msg: Message, job: TrainJob, result: JobResult, started: float
     arrays = wire.to_record(result.state)
     content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: reply.to_record()})
     return Message(content, reply_to=msg)
+
+
+def evaluate_locally(msg: Message, context: Context) -> Message:
+    """Federated evaluation: the sent global adapter, at this client's rank, scored on its own
+    test split (``data.local-test-fraction``); the reply is a :class:`~hetfed.wire.
+    EvaluateReply`."""
+    job = TrainJob.from_message(msg, context)  # a rank above the budget is refused
+    work = LocalWork(job)
+    test = local_data(job.settings, job.node_config, TEST_PART)
+    host, train = work.worker.host, job.settings.train
+    with host.lock:
+        work.load()
+        host.set_base_deltas(job.base_deltas)
+        accuracy, loss = evaluate(host.peft_model, test, train.eval_batch_size, train.precision)
+    reply = wire.EvaluateReply(num_examples=len(test), accuracy=accuracy, loss=loss)
+    return Message(RecordDict({wire.METRICS: reply.to_record()}), reply_to=msg)
 
 
 def train_locally(msg: Message, context: Context) -> Message:

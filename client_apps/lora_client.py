@@ -71,3 +71,11 @@ def train(msg: Message, context: Context) -> Message:
 
         return train_in_pack(msg, context)
     return train_locally(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation: score the sent global adapter on this node's own test split."""
+    from client_apps.local_training import evaluate_locally  # PyTorch only when evaluating
+
+    return evaluate_locally(msg, context)

@@ -126,6 +126,9 @@ class RunSettings:
     strategy: str = "hetlora"
     num_server_rounds: int = 5
     fraction_train: float = 1.0
+    # federated evaluation: the share of clients that evaluate the new global model on their own
+    # test split (data.local-test-fraction) after each round (0: central evaluation only)
+    fraction_evaluate: float = 0.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 600.0
@@ -155,6 +158,23 @@ class RunSettings:
             raise ConfigError("num-server-rounds", self.num_server_rounds, "an integer >= 1")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError("fraction-train", self.fraction_train, "a number in (0, 1]")
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise ConfigError("fraction-evaluate", self.fraction_evaluate, "a number in [0, 1]")
+        local = self.data.local_test_fraction
+        if self.fraction_evaluate > 0 and local == 0:
+            raise ConfigError(
+                "data.local-test-fraction",
+                local,
+                f"a number in (0, 1): fraction-evaluate {self.fraction_evaluate} evaluates on "
+                "each client's local test split",
+            )
+        if local > 0 and self.fraction_evaluate == 0:
+            raise ConfigError(
+                "fraction-evaluate",
+                self.fraction_evaluate,
+                f"a number in (0, 1]: data.local-test-fraction {local} holds out a local test "
+                "split that only federated evaluation reads",
+            )
         if self.min_train_nodes < 1:
             raise ConfigError("min-train-nodes", self.min_train_nodes, "an integer >= 1")
         if self.min_available_nodes < self.min_train_nodes:

@@ -397,3 +397,20 @@ def clear_cache() -> None:
     load_splits.cache_clear()
     _partitioner.cache_clear()
     _load_partition.cache_clear()
+
+
+def local_split(
+    partition: datasets.Dataset, cfg: DataConfig, partition_id: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A client's partition as (its training examples, its local test split): a random
+    ``data.local-test-fraction`` of it (at least one example; drawn from the partition's own
+    stream of :mod:`hetfed.seeds`) held out for federated evaluation."""
+    n = len(partition)
+    n_test = min(max(1, round(cfg.local_test_fraction * n)), n - 1)
+    if cfg.local_test_fraction <= 0 or n < 2:
+        raise ValueError(
+            f"no local test split of partition {partition_id} ({n} examples, "
+            f"data.local-test-fraction {cfg.local_test_fraction})"
+        )
+    order = seeds.rng(cfg.seed, Stream.LOCAL_TEST_SPLIT, partition_id).permutation(n)
+    return partition.select(sorted(order[n_test:])), partition.select(sorted(order[:n_test]))

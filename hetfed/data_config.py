@@ -40,6 +40,8 @@ class DataConfig:
     # on it; the test split then only for the final model): 0 = none
     validation_examples: int = 0
     max_test_examples: int = 0  # 0 = all
+    # each client's own test split, held out of its partition (federated evaluation): 0 = none
+    local_test_fraction: float = 0.0
     seed: int = 42  # a run's data.seed is the run's seed unless the run config pins it
     # not a run-config key (the leading underscore): set by on_device for a device's own folder
     # in a bbc-news-headlines run, whose source is then a path rather than that name
@@ -84,6 +86,9 @@ class DataConfig:
             raise bad("validation_examples", "an integer >= 0 (0 = no validation split)")
         if not is_int(self.max_test_examples) or self.max_test_examples < 0:
             raise bad("max_test_examples", "an integer >= 0 (0 = the whole test split)")
+        local = self.local_test_fraction
+        if not is_number(local) or not 0 <= local < 1:
+            raise bad("local_test_fraction", "a number in [0, 1) (0 = no local test split)")
         if not is_int(self.seed) or self.seed < 0:
             raise bad("seed", "an integer >= 0")
 

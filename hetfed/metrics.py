@@ -136,3 +136,21 @@ def final_and_best(final: object, rounds: list) -> dict[str, float | int | None]
     best = max(rounds, key=lambda r: r.accuracy)
     figures["best_round"] = best.round
     return figures
+
+
+# a federated evaluation's figures: the mean, the worst 10% and the spread of client accuracies
+CLIENT_FIGURES = ("client_accuracy_mean", "client_accuracy_worst10", "client_accuracy_spread")
+
+
+def client_distribution(accuracies: list[float]) -> dict[str, float | None]:
+    """The spread of the clients' accuracies in a federated evaluation (one per client, on its
+    own test split): their mean (each client counts once), the mean of the worst 10% (the
+    ceil(K / 10) lowest) and the spread, the standard deviation over clients (ddof 0). None
+    without clients."""
+    if not accuracies:
+        return dict.fromkeys(CLIENT_FIGURES)
+    ordered = sorted(accuracies)
+    worst = ordered[: math.ceil(len(ordered) / 10)]
+    mean = sum(ordered) / len(ordered)
+    spread = math.sqrt(sum((a - mean) ** 2 for a in ordered) / len(ordered))
+    return dict(zip(CLIENT_FIGURES, (mean, sum(worst) / len(worst), spread), strict=True))

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hetfed.metrics import figures_of
+from hetfed.metrics import client_distribution, figures_of
 
 TEST_EXAMPLES = "test_examples.jsonl"
 PROCESS = "process.json"
@@ -39,6 +39,9 @@ class RoundStats:
     stragglers: int = 0  # clients left out: they would have missed the round deadline
     pruned: int = 0  # valid replies at a smaller rank than sent (HetLoRA's self-pruning)
     reply_ranks: list[int] = field(default_factory=list)  # the valid replies' ranks, sorted
+    # federated evaluation (fraction-evaluate): each evaluated client's accuracy on its own
+    # test split, sorted
+    client_accuracies: list[float] = field(default_factory=list)
 
     def record(
         self,
@@ -52,8 +55,16 @@ class RoundStats:
         """The ``metrics.jsonl`` line of this round, with its central ``evaluation``
         (:class:`hetfed.generation.Evaluation`) on ``split``, the simulated seconds of the
         rounds before and, in the last ``test-rounds`` rounds, the evaluation on ``test``."""
-        counters = {k: v for k, v in asdict(self).items() if k != "ranks"}
+        counters = {
+            k: v for k, v in asdict(self).items() if k not in ("ranks", "client_accuracies")
+        }
         on_test = {"test_accuracy": test.accuracy, "test_loss": test.loss} if test else {}
+        on_clients = {}
+        if self.client_accuracies:  # a federated evaluation ran this round
+            on_clients = {
+                "client_accuracies": self.client_accuracies,
+                **client_distribution(self.client_accuracies),
+            }
         return RoundRecord(
             round=server_round,
             accuracy=evaluation.accuracy,
@@ -64,6 +75,7 @@ class RoundStats:
             seconds=seconds,
             simulated_total=simulated_before + self.simulated_seconds,
             **on_test,
+            **on_clients,
             **counters,
         )
 
@@ -102,6 +114,12 @@ class RoundRecord:
     # the global model on the test split, in the last test-rounds rounds only (else None)
     test_accuracy: float | None = None
     test_loss: float | None = None
+    # federated evaluation (fraction-evaluate): the clients' accuracies on their own test
+    # splits, and their mean, worst-10% mean and spread (hetfed.metrics.client_distribution)
+    client_accuracies: list[float] | None = None
+    client_accuracy_mean: float | None = None
+    client_accuracy_worst10: float | None = None
+    client_accuracy_spread: float | None = None
 
 
 def last_rounds_mean(records: Sequence[RoundRecord], rounds: int) -> float | None:

@@ -39,6 +39,8 @@ class Stream(IntEnum):
     DROPOUT = 15  # a training loop's dropout draws
     VALIDATION_SPLIT = 16  # data: the validation split (data.validation-examples)
     FEDRA_ALLOCATION = 17  # FedRA's allocation matrix of a round (and retry attempt)
+    EVALUATION_SAMPLING = 18  # which clients a round's federated evaluation asks
+    LOCAL_TEST_SPLIT = 19  # data: a client's local test split (data.local-test-fraction)
 
 
 def sequence(seed: int, stream: Stream, *where: int) -> np.random.SeedSequence:
@@ -79,6 +81,11 @@ def dropout_seed(seed: int) -> int:
 def sampling_rng(seed: int, server_round: int, attempt: int) -> np.random.Generator:
     """Which clients a round (or its retry ``attempt``) samples."""
     return rng(seed, Stream.SAMPLING, server_round, attempt)
+
+
+def evaluation_sampling_rng(seed: int, server_round: int) -> np.random.Generator:
+    """Which clients a round's federated evaluation asks (``fraction-evaluate``)."""
+    return rng(seed, Stream.EVALUATION_SAMPLING, server_round)
 
 
 def fault_rng(seed: int, server_round: int, attempt: int) -> np.random.Generator:

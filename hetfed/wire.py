@@ -16,6 +16,7 @@ the layout is written once. ``from_record`` reads untrusted input: anything malf
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,8 @@ FAULT_SECONDS = "fault-seconds"  # how long a "timeout" fault waits before reply
 
 # Keys of the reply metrics (client -> server) and of the budget reply.
 NUM_EXAMPLES = "num-examples"
+ACCURACY = "accuracy"  # of an evaluate reply
+LOSS = "loss"
 TRAIN_LOSS = "train-loss"
 SECONDS = "seconds"
 BYTES_DOWN = "bytes-down"
@@ -145,6 +148,29 @@ class TrainInstruction:
             fault=str(record[FAULT]) if FAULT in record else None,
             fault_seconds=_get(record, FAULT_SECONDS, float) if FAULT in record else 0.0,
         )
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """The metrics of a federated evaluation reply: the global model on the client's local
+    test split."""
+
+    num_examples: int
+    accuracy: float
+    loss: float
+
+    def to_record(self) -> MetricRecord:
+        return MetricRecord(
+            {NUM_EXAMPLES: self.num_examples, ACCURACY: self.accuracy, LOSS: self.loss}
+        )
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> EvaluateReply:
+        """The reply's figures: a count >= 1, an accuracy in [0, 1] and a finite loss."""
+        reply = cls(int(record[NUM_EXAMPLES]), float(record[ACCURACY]), float(record[LOSS]))
+        if reply.num_examples < 1 or not 0 <= reply.accuracy <= 1 or not math.isfinite(reply.loss):
+            raise ValueError(f"evaluate reply out of range: {reply}")
+        return reply
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,8 @@ def summarize(job: ServerRun, adapter_dir: Path, test: Evaluation) -> None:
             "test_rounds": settings.test_rounds,
             "evaluated_on": job.server.evaluated_split,
             "initial_accuracy": records[0].accuracy,
+            # federated evaluation of the final model (fraction-evaluate; else None)
+            **{f"final_{key}": getattr(final, key) for key in metrics.CLIENT_FIGURES},
             "rounds": settings.num_server_rounds,
             "bytes_down": sum(r.bytes_down for r in records),
             "bytes_up": sum(r.bytes_up for r in records),

@@ -45,13 +45,14 @@ from hetfed.config import RunSettings, setting
 from hetfed.device_clock import DeviceClock
 from hetfed.errors import ConfigError
 from hetfed.faults import choose_faults
+from hetfed.metrics import client_distribution
 from hetfed.models import TASKS
 from hetfed.profiles import DeviceProfiles, Tier
 from hetfed.rank_policies import TierRanks
 from hetfed.results import RoundStats
 from hetfed.scaling import rescale_state, rule_alpha
 from hetfed.server_model import ServerModel
-from strategies.nodes import NodeRegistry, sample_clients
+from strategies.nodes import NodeRegistry, sample_clients, sample_evaluation
 from strategies.replies import (
     ClientUpdate,
     SentAdapter,
@@ -72,6 +73,7 @@ class RoundState:
     attempt: int = 0
     global_state: State = field(default_factory=dict)
     sent: dict[int, SentAdapter] = field(default_factory=dict)
+    evaluating: dict[int, int] = field(default_factory=dict)  # node -> client asked to evaluate
 
 
 class LoRAStrategy(Strategy):
@@ -326,17 +328,10 @@ class LoRAStrategy(Strategy):
         (``lora.rescale``), and its instruction; and what is kept to check and convert its
         reply."""
         rank, layers = self.client_rank(client_id), self.client_layers(server_round, client_id)
-        spec, source_scaling = self.spec(rank), self.source_scaling(rank)
-        state = self.distribute(self.round.global_state, rank)
-        if self.settings.lora.rescale:  # s_k B_k A_k = s_g B[:, :r_k] A[:r_k, :]
-            state = rescale_state(state, source_scaling / spec.scaling)
-        instruction = wire.TrainInstruction(
-            server_round=server_round,
-            rank=rank,
-            lora_alpha=spec.alpha,
-            lora_rslora=spec.rslora,
-            lora_scaling=spec.scaling,
-            seed=seeds.round_seed(self.settings.seed, server_round),
+        spec, state, source_scaling = self.sent_arrays(self.round.global_state, rank)
+        instruction = self.instruction_for(
+            server_round,
+            spec,
             layers=tuple(layers) if layers is not None else None,
             pruning=self.rank_policy.pruning(),
             fault=fault,
@@ -347,6 +342,31 @@ class LoRAStrategy(Strategy):
         if layers is not None:
             expected = adapter_state.restrict_to_layers(expected, layers)
         return SentAdapter(rank, expected, spec.scaling, source_scaling), state, instruction
+
+    def instruction_for(
+        self, server_round: int, spec: LoraSpec, **training: Any
+    ) -> wire.TrainInstruction:
+        """The instruction that comes with a client's adapter (``spec``): its rank, alpha and
+        scaling and the round's seed; ``training``: its layers, pruning and fault."""
+        return wire.TrainInstruction(
+            server_round=server_round,
+            rank=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_rslora=spec.rslora,
+            lora_scaling=spec.scaling,
+            seed=seeds.round_seed(self.settings.seed, server_round),
+            **training,
+        )
+
+    def sent_arrays(self, global_state: State, rank: int) -> tuple[LoraSpec, State, float]:
+        """The adapter of a rank-``rank`` client (its spec), the arrays it gets from
+        ``global_state`` at the global model's strength (``lora.rescale``), and the scaling of
+        the global adapter they are cut from."""
+        spec, source_scaling = self.spec(rank), self.source_scaling(rank)
+        state = self.distribute(global_state, rank)
+        if self.settings.lora.rescale:  # s_k B_k A_k = s_g B[:, :r_k] A[:r_k, :]
+            state = rescale_state(state, source_scaling / spec.scaling)
+        return spec, state, source_scaling
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -382,12 +402,53 @@ class LoRAStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return []  # hetfed evaluates the global model centrally (ServerApp's evaluate_fn)
+        """Federated evaluation (``fraction-evaluate``; the central evaluation is the ServerApp's
+        evaluate_fn): a sample of the known clients each get the new global adapter as they
+        would train it (their rank, at their scaling) and score it on their own test split."""
+        if self.settings.fraction_evaluate == 0:
+            return []
+        global_state = wire.from_record(arrays)
+        clients = sample_evaluation(self.settings, server_round, self.register_clients(grid))
+        self.round.evaluating = {self.nodes.node_of[c]: c for c in clients}
+        messages = []
+        for client_id in clients:
+            rank = self.client_rank(client_id)
+            spec, state, _ = self.sent_arrays(global_state, rank)
+            content = wire.train_content(state, self.instruction_for(server_round, spec))
+            node = self.nodes.node_of[client_id]
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
+        return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return None
+        """The clients' accuracies on their own test splits (a malformed or unexpected reply is
+        logged and left out), and their distribution (:func:`hetfed.metrics.
+        client_distribution`) in the round's statistics."""
+        accuracies = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            client_id = self.round.evaluating.pop(node, None)
+            problem = "not asked to evaluate" if client_id is None else None
+            if problem is None and reply.has_error():
+                problem = reply.error.reason
+            if problem is None:
+                try:
+                    accuracies.append(wire.EvaluateReply.from_record(reply.content[wire.METRICS]))
+                except (KeyError, TypeError, ValueError) as err:
+                    problem = f"malformed evaluate reply ({err})"
+            if problem is not None:
+                log(WARNING, "round %d: evaluation of node %d left out: %s", server_round, node,
+                    problem)  # fmt: skip
+        stats = self.stats.setdefault(server_round, RoundStats())
+        stats.client_accuracies = sorted(r.accuracy for r in accuracies)
+        figures = client_distribution(stats.client_accuracies)
+        if not accuracies:
+            return None
+        log(INFO, "round %d: %d clients evaluated, mean accuracy %.4f, worst 10%% %.4f",
+            server_round, len(accuracies), figures["client_accuracy_mean"],
+            figures["client_accuracy_worst10"])  # fmt: skip
+        return MetricRecord(figures)
 
 
 def train_messages(
@@ -469,7 +530,8 @@ class RoundLoop:
     on_round_end: Callable[[int, ArrayRecord], None] | None
 
     def run(self, strategy: LoRAStrategy, result: Result, rounds: range) -> Result:
-        """Train (but round 0, the initial model), evaluate and call back, round by round."""
+        """Round by round: train (but round 0, the initial model), evaluate on the clients
+        (``fraction-evaluate``), evaluate centrally and call back."""
         for server_round in rounds:
             if server_round > 0:
                 log(INFO, "")
@@ -480,9 +542,24 @@ class RoundLoop:
                 if new_arrays is not None:
                     result.arrays = new_arrays
                     result.train_metrics_clientapp[server_round] = metrics
+                evaluated = self.evaluate_on_clients(strategy, server_round, result.arrays)
+                if evaluated is not None:
+                    result.evaluate_metrics_clientapp[server_round] = evaluated
             metrics = self.evaluate_fn(server_round, result.arrays) if self.evaluate_fn else None
             if metrics is not None:
                 result.evaluate_metrics_serverapp[server_round] = metrics
             if self.on_round_end is not None and server_round > 0:
                 self.on_round_end(server_round, result.arrays)
         return result
+
+    def evaluate_on_clients(
+        self, strategy: LoRAStrategy, server_round: int, arrays: ArrayRecord
+    ) -> MetricRecord | None:
+        """The round's federated evaluation of the global model (none unless
+        ``fraction-evaluate`` > 0)."""
+        config = ConfigRecord()
+        messages = list(strategy.configure_evaluate(server_round, arrays, config, self.grid))
+        if not messages:
+            return None
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        return strategy.aggregate_evaluate(server_round, replies)

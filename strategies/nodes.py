@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -123,12 +124,23 @@ class NodeRegistry:
         return answer.client_id, NodeBudget(answer.tier, answer.rank, layers), None
 
 
+def sample_evaluation(settings: RunSettings, server_round: int, clients: list[int]) -> list[int]:
+    """``fraction-evaluate`` of the known ``clients`` (at least one), drawn with
+    :func:`hetfed.seeds.evaluation_sampling_rng`: a round's federated evaluation."""
+    size = max(int(len(clients) * settings.fraction_evaluate), 1)
+    return _draw(clients, size, seeds.evaluation_sampling_rng(settings.seed, server_round))
+
+
+def _draw(clients: list[int], size: int, rng: np.random.Generator) -> list[int]:
+    """``size`` of ``clients`` (all, if fewer), without replacement, sorted."""
+    picked = rng.choice(len(clients), size=min(size, len(clients)), replace=False)
+    return sorted(clients[i] for i in picked)
+
+
 def sample_clients(
     settings: RunSettings, server_round: int, attempt: int, clients: list[int]
 ) -> list[int]:
     """``fraction-train`` of the available ``clients`` (at least ``min-train-nodes``), drawn
     with :func:`hetfed.seeds.sampling_rng`: the same clients in a resumed run."""
     size = max(int(len(clients) * settings.fraction_train), settings.min_train_nodes)
-    rng = seeds.sampling_rng(settings.seed, server_round, attempt)
-    picked = rng.choice(len(clients), size=min(size, len(clients)), replace=False)
-    return sorted(clients[i] for i in picked)
+    return _draw(clients, size, seeds.sampling_rng(settings.seed, server_round, attempt))
