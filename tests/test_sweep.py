@@ -376,3 +376,24 @@ def test_a_baseline_that_is_not_a_run_is_refused(tmp_path, tiny_config):
     with pytest.raises(ConfigError) as info:
         load_sweep(tmp_path / "s.yaml")
     assert info.value.key == "baseline"
+
+
+def test_federated_evaluation_figures_are_tabled_and_paired(tmp_path, tiny_config):
+    """Runs with fraction-evaluate: the clients' mean and worst-10% accuracy of the final model,
+    over seeds and paired with the baseline (a personalised method against shared ones)."""
+    runs = "{ref: {strategy: fedit}, new: {strategy: hetlora}}"
+    sweep, out = _three_seed_sweep(tmp_path, tiny_config, "target-accuracy: 0.9", runs)
+    for seed in (1, 2, 3):
+        for name, mean, worst in (("ref", 0.6, 0.3), ("new", 0.7, 0.3 + seed / 100)):
+            folder = out / f"{name}-seed{seed}"
+            _fake_run(folder, [0.1, 0.5, 0.6], [2.0, 1.0, 0.9])
+            summary = json.loads((folder / "summary.json").read_text())
+            summary.update(final_client_accuracy_mean=mean, final_client_accuracy_worst10=worst)
+            (folder / "summary.json").write_text(json.dumps(summary))
+    rows = comparison_rows(sweep, out)
+    new = next(s for s in summary_rows(rows, sweep) if s["run"] == "new")
+    assert new["final_client_accuracy_mean_vs_baseline"].mean == pytest.approx(0.1)
+    assert new["final_client_accuracy_worst10_vs_baseline"].mean == pytest.approx(0.02)
+    write_comparison(rows, out, sweep)
+    table = (out / "comparison.md").read_text()
+    assert "final_client_accuracy_worst10_vs_baseline" in table and "own test split" in table

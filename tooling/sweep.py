@@ -45,7 +45,7 @@ import numpy as np
 import yaml
 
 from hetfed.errors import ConfigError
-from hetfed.metrics import BY_TARGET_KEY, Metric, quality
+from hetfed.metrics import BY_TARGET_KEY, CLIENT_FIGURES, Metric, quality
 from hetfed.results import TEST_EXAMPLES, read_metrics
 from tooling.scenarios import run, write_variant
 from tooling.stats import Interval, mean_interval, paired_bootstrap, paired_difference
@@ -260,6 +260,7 @@ def comparison_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                     "final_accuracy": round(summary["final_accuracy"], 4),
                     "best_accuracy": round(summary["best_accuracy"], 4),
                     "last_rounds_accuracy": _rounded(summary.get("last_rounds_accuracy")),
+                    **{key: _rounded(summary.get(key)) for key in CLIENT_COLUMNS},
                     "test_rounds": summary.get("test_rounds", 1),
                     # the final model on test (runs from before summary.json had it: the
                     # last round's evaluation, which was on test then)
@@ -299,6 +300,8 @@ def _rounded(value: float | None) -> float | None:
 
 # The quality figures of the generation task (in place of accuracy in the comparison table).
 GENERATION_QUALITY = tuple(f"final_{m.key}" for m in quality(generation=True))
+# A federated evaluation's figures of the final model (fraction-evaluate).
+CLIENT_COLUMNS = tuple(f"final_{key}" for key in CLIENT_FIGURES)
 # The quality figures of a run (tables print them to three decimals).
 QUALITY = (
     "final_accuracy",
@@ -306,6 +309,7 @@ QUALITY = (
     "best_accuracy",
     "final_loss",
     *GENERATION_QUALITY,
+    *CLIENT_COLUMNS,
 )
 # The figures of a finished run: per seed in comparison.csv, summarised over seeds in summary.csv.
 SUMMARISED = (
@@ -326,6 +330,7 @@ PAIRED = (
     "best_accuracy",
     "final_loss",
     *GENERATION_QUALITY,
+    *CLIENT_COLUMNS[:2],  # the clients' mean and worst 10%
 )  # by seed
 
 
@@ -434,6 +439,11 @@ def _csv_number(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.6g}"
 
 
+def _with(rows: list[dict[str, Any]], column: str) -> bool:
+    """Whether a finished run of the sweep has ``column``."""
+    return any(r.get(column) is not None for r in rows)
+
+
 def _with_last_rounds(rows: list[dict[str, Any]]) -> list[str]:
     """``last_rounds_accuracy`` when the runs scored more than their final model on test."""
     several = any(r.get("test_rounds", 1) > 1 for r in rows)
@@ -448,8 +458,10 @@ def comparison_markdown(
     if len(sweep.seeds) > 1:
         quality = list(GENERATION_QUALITY) if is_generation(rows) else []
         last_rounds = [] if quality else _with_last_rounds(rows)
-        compared = quality or ["final_accuracy", *last_rounds]
+        on_clients = list(CLIENT_COLUMNS[:2]) if _with(rows, CLIENT_COLUMNS[0]) else []
+        compared = [*(quality or ["final_accuracy", *last_rounds]), *on_clients]
         columns = [*(quality or ["final_accuracy", *last_rounds, "best_accuracy"]), "final_loss"]
+        columns += on_clients
         bootstrap = f"{compared[0]}_vs_baseline_bootstrap"
         with_bootstrap = any(s.get(bootstrap) and s[bootstrap].n for s in summaries)
         if sweep.baseline is not None:
@@ -486,6 +498,13 @@ def comparison_markdown(
                 " `last_rounds_accuracy`: the mean test accuracy of the last"
                 f" {max(r.get('test_rounds', 1) for r in rows)} rounds' global models."
                 if last_rounds
+                else ""
+            )
+            + (
+                " `final_client_accuracy_mean`/`_worst10`: federated evaluation of the final"
+                " model, each client on its own test split (the mean over clients, the mean of"
+                " the worst 10%)."
+                if on_clients
                 else ""
             ),
             "",
