@@ -8,7 +8,7 @@ module by module.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -100,21 +100,26 @@ def _module_factors(replies: Sequence[LoraPairs], module: str) -> tuple[list, li
     return [pairs[module][0] for pairs in replies], [pairs[module][1] for pairs in replies]
 
 
-def partitioned_svd_modules(
-    replies: Sequence[LoraPairs], global_lora: LoraPairs, weights: Sequence[float]
+def svd_modules(
+    replies: Sequence[LoraPairs],
+    global_lora: LoraPairs,
+    weights: Sequence[float],
+    svd: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] = la.factored_svd,
+    scaling: float = 1.0,
 ) -> LoraPairs:
-    """raFLoRA (Wu et al., arXiv 2602.13486), per module: the rank-partitioned sum
-    W = sum_j sum_{k in K_j} (p_k / sum_{K_j} p) B_k[:, I_j] A_k[I_j, :] and its SVD
-    (:func:`hetfed.lora_algebra.partitioned_svd`), kept at the global rank r_max as
-    B = U S, A = V^T (the replies are at the global scaling, so W is in the global adapter's
-    units). Fewer components than r_max (the reply ranks sum to less, or d_out, d_in < r_max):
-    the missing ones are zero in both factors, as FlexLoRA's."""
+    """Per module, the leading r_max singular triplets of the replies' weighted sum, ``svd(bs,
+    as_, weights, rank)``, kept at the global rank r_max as B = U S / scaling, A = V^T
+    (:func:`hetfed.lora_algebra.svd_factors`). FlexLoRA (Bai et al., NeurIPS 2024):
+    :func:`hetfed.lora_algebra.factored_svd` of W = sum_k w_k B_k A_k; raFLoRA (Wu et al., arXiv
+    2602.13486): :func:`hetfed.lora_algebra.partitioned_svd`, each rank partition averaged over
+    the replies that hold it. Fewer components than r_max (the reply ranks sum to less, or
+    d_out, d_in < r_max): the missing ones are zero in both factors."""
     aggregated = {}
     for module, (global_b, global_a) in global_lora.items():
         bs, as_ = _module_factors(replies, module)
         r_max = global_b.shape[1]
         rank = min(r_max, global_b.shape[0], global_a.shape[1], sum(b.shape[1] for b in bs))
-        b, a = la.svd_factors(*la.partitioned_svd(bs, as_, weights, rank), rank)
+        b, a = la.svd_factors(*svd(bs, as_, weights, rank), rank, scaling=scaling)
         if rank < r_max:
             b, a = la.pad(b, a, r_max, "zero")
         aggregated[module] = (b.astype(global_b.dtype), a.astype(global_a.dtype))

@@ -442,9 +442,9 @@ class LoRAStrategy(Strategy):
                     problem)  # fmt: skip
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.client_accuracies = sorted(r.accuracy for r in accuracies)
-        figures = client_distribution(stats.client_accuracies)
         if not accuracies:
             return None
+        figures = client_distribution(stats.client_accuracies)
         log(INFO, "round %d: %d clients evaluated, mean accuracy %.4f, worst 10%% %.4f",
             server_round, len(accuracies), figures["client_accuracy_mean"],
             figures["client_accuracy_worst10"])  # fmt: skip

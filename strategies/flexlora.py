@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from hetfed import lora_algebra as la
 from hetfed.adapter_state import LoraPairs
+from hetfed.aggregation import svd_modules
 from strategies.base import LoRAStrategy
 from strategies.replies import ClientUpdate
 
@@ -48,20 +49,7 @@ class FlexLoRA(LoRAStrategy):
         below r_max) the missing components are zero in both factors (a rank-r_max adapter that
         represents the same update).
         """
-        r_max = self.global_rank()
         s_g = self.global_spec().scaling
         p = la.normalize_weights([u.num_examples for u in updates])
         weights = [pk * u.scaling for pk, u in zip(p, updates, strict=True)]
-        lora = [u.lora for u in updates]
-        total = sum(u.rank for u in updates)
-        aggregated = {}
-        for module, (global_b, global_a) in global_lora.items():
-            bs = [pairs[module][0] for pairs in lora]
-            as_ = [pairs[module][1] for pairs in lora]
-            rank = min(r_max, global_b.shape[0], global_a.shape[1], total)
-            u, s, vt = la.factored_svd(bs, as_, weights, rank)
-            b, a = la.svd_factors(u, s, vt, rank, scaling=s_g)
-            if rank < r_max:
-                b, a = la.pad(b, a, r_max, "zero")
-            aggregated[module] = (b.astype(global_b.dtype), a.astype(global_a.dtype))
-        return aggregated
+        return svd_modules([u.lora for u in updates], global_lora, weights, scaling=s_g)

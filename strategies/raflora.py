@@ -18,14 +18,15 @@ global scaling s_g and the distinct reply ranks r_(1) < r_(2) < ... (r_(0) = 0):
 - Aggregate and distribute as FlexLoRA: W = U diag(S) V^T, the server keeps
   B = U_r diag(S_r), A = V^T_r at r = r_max (fewer components: zero in both factors), and client
   k gets the truncation B[:, :r_k] s_g / s_k, A[:r_k, :], the best rank-r_k part of s_g W
-  (:func:`hetfed.aggregation.partitioned_svd_modules`).
+  (:func:`hetfed.aggregation.svd_modules`).
 - The task head is averaged with p_k (the base class).
 """
 
 from __future__ import annotations
 
+from hetfed import lora_algebra as la
 from hetfed.adapter_state import LoraPairs
-from hetfed.aggregation import partitioned_svd_modules
+from hetfed.aggregation import svd_modules
 from strategies.base import LoRAStrategy
 from strategies.replies import ClientUpdate
 
@@ -43,4 +44,4 @@ class RaFLoRA(LoRAStrategy):
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
     ) -> LoraPairs:
         weights = self.policy_weights(updates)  # p_k, renormalised within each partition
-        return partitioned_svd_modules([u.lora for u in updates], global_lora, weights)
+        return svd_modules([u.lora for u in updates], global_lora, weights, la.partitioned_svd)

@@ -8,9 +8,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from hetfed import lora_algebra as la
 from hetfed.aggregation import (
     fair_corrected_modules,
-    partitioned_svd_modules,
+    svd_modules,
     thresholded_svd_modules,
 )
 from tests.harness import random_replies
@@ -18,7 +19,7 @@ from tests.harness import random_replies
 WEIGHTS = [0.25] * 4
 AGGREGATIONS = {
     "florist": lambda replies, lora: thresholded_svd_modules(replies, lora, WEIGHTS, 0.9),
-    "raflora": lambda replies, lora: partitioned_svd_modules(replies, lora, WEIGHTS),
+    "raflora": lambda replies, lora: svd_modules(replies, lora, WEIGHTS, svd=la.partitioned_svd),
     "lora-fair": lambda replies, lora: fair_corrected_modules(replies, lora, WEIGHTS, 0.01),
 }
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hetfed.aggregation import partitioned_svd_modules
+from hetfed import lora_algebra as la
+from hetfed.aggregation import svd_modules
 from hetfed.config import RunSettings, parse_run_config
 from hetfed.errors import ConfigError
 from hetfed.profiles import parse_profiles
@@ -65,7 +66,7 @@ def test_global_pair_is_the_svd_of_the_rank_partitioned_average(d_out, d_in):
     p = n / n.sum()
     replies = random_replies(rng, ranks, d_out, d_in)
     global_lora = {"m": (np.zeros((d_out, 8), np.float32), np.zeros((8, d_in), np.float32))}
-    b, a = partitioned_svd_modules(replies, global_lora, p)["m"]
+    b, a = svd_modules(replies, global_lora, p, svd=la.partitioned_svd)["m"]
     w = per_index_sum([r["m"] for r in replies], p)
     assert b.shape == (d_out, 8) and a.shape == (8, d_in) and b.dtype == np.float32
     assert_close(b.astype(np.float64) @ a, best_approximation(w, 8))
@@ -81,7 +82,7 @@ def test_fewer_components_than_the_global_rank_are_zero_padded():
     rng = np.random.default_rng(1)
     replies = random_replies(rng, (2, 4), 30, 20)  # 6 components < r_max = 8
     global_lora = {"m": (np.ones((30, 8), np.float32), np.ones((8, 20), np.float32))}
-    b, a = partitioned_svd_modules(replies, global_lora, [0.2, 0.8])["m"]
+    b, a = svd_modules(replies, global_lora, [0.2, 0.8], svd=la.partitioned_svd)["m"]
     assert_close(b.astype(np.float64) @ a, per_index_sum([r["m"] for r in replies], [0.2, 0.8]))
     assert not b[:, 6:].any() and not a[6:].any()
 

@@ -336,7 +336,7 @@ PAIRED = (
 
 def is_generation(rows: list[dict[str, Any]]) -> bool:
     """Whether the sweep's runs are of the generation task (they report ROUGE-L)."""
-    return any(r.get("final_rouge_l") is not None for r in rows)
+    return _with(rows, "final_rouge_l")
 
 
 def seed_values(rows: list[dict[str, Any]], run: str, metric: str) -> dict[int, float]:
