@@ -27,7 +27,7 @@ import threading
 import time
 from concurrent.futures import Future
 from contextlib import ExitStack
-from logging import ERROR, INFO, WARNING
+from logging import ERROR, INFO
 
 from flwr.app import Context, Message
 from flwr.common.logger import log
@@ -217,25 +217,49 @@ class _TrainerActor:
         return self.trainer.train(job)
 
 
+_trainers: dict[str, object] = {}  # this process's handles, by trainer name
+_trainers_lock = threading.Lock()
+
+
 def trainer_actor(client_id: int):
     """This Ray node's trainer for ``client_id`` (its GPU: client id modulo the node's GPUs),
-    created by the first client that asks for it."""
+    created by the first client that asks for it.
+
+    The process keeps the handle: Ray destroys an actor (and the base it loaded) as soon as no
+    handle to it is left, which would otherwise happen between rounds, and in a race with a
+    client that is just asking for it.
+    """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     gpus = next((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == node), 0)
-    index = client_id % gpus if gpus else 0
-    actor = ray.remote(_TrainerActor).options(
-        name=f"{TRAINER_NAME}-{node}-{index}",
-        get_if_exists=True,
-        num_cpus=0,  # the ClientApps' actors hold the CPUs; they only wait on this one
-        num_gpus=1 if gpus else 0,
-        max_concurrency=1024,  # every waiting client a thread
-        max_restarts=-1,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-    )
-    return actor.remote()
+    name = f"{TRAINER_NAME}-{node}-{client_id % gpus if gpus else 0}"
+    with _trainers_lock:
+        if name not in _trainers:
+            _trainers[name] = (
+                ray.remote(_TrainerActor)
+                .options(
+                    name=name,
+                    get_if_exists=True,
+                    num_cpus=0,  # the ClientApps' actors hold the CPUs; they only wait on this one
+                    num_gpus=1 if gpus else 0,
+                    max_concurrency=1024,  # every waiting client a thread
+                    max_restarts=-1,
+                    max_task_retries=_RETRIES,  # a call in flight when it died, on the new one
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                )
+                .remote()
+            )
+        return _trainers[name]
+
+
+def forget_trainer(handle) -> None:
+    """Drop a handle whose trainer is gone for good, so that the next call starts another."""
+    with _trainers_lock:
+        for name, kept in list(_trainers.items()):
+            if kept is handle:
+                del _trainers[name]
 
 
 def train_in_pack(msg: Message, context: Context) -> Message:
@@ -259,18 +283,10 @@ def train_in_pack(msg: Message, context: Context) -> Message:
             "0 with simulation.packing: the packed trainer holds the GPU, the ClientApps wait",
             "federation config",
         )
-    timeout = job.settings.round_timeout
-    for attempt in range(1 + _RETRIES):
-        try:
-            result = ray.get(trainer_actor(job.client_id).train.remote(job), timeout=timeout)
-            break
-        except ray.exceptions.RayActorError as err:
-            if attempt == _RETRIES:
-                raise RuntimeError(f"the packed trainer died twice: {err}") from err
-            log(
-                WARNING,
-                "[hetfed] the packed trainer died (%s); client %d retries",
-                err,
-                job.client_id,
-            )
+    trainer = trainer_actor(job.client_id)
+    try:  # a trainer that dies while it works is restarted, and Ray resends its calls once
+        result = ray.get(trainer.train.remote(job), timeout=job.settings.round_timeout)
+    except ray.exceptions.RayActorError as err:
+        forget_trainer(trainer)  # gone for good (its owner died): the next round starts another
+        raise RuntimeError(f"the packed trainer died twice: {err}") from err
     return reply_message(msg, job, result, started)
