@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 
 from client_apps.node_config import NODE_DATA, NUM_PARTITIONS, PARTITION_ID, client_id
+from client_apps.personal_state import PersonalStore, split_personal
 from hetfed import adapter_state, seeds, wire
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.budgets import check_sent_rank
@@ -135,17 +136,28 @@ class TrainJob:
     received: dict[str, np.ndarray]
     node_config: dict
     client_id: int
+    personal: dict[str, np.ndarray] = field(default_factory=dict)  # its own, kept across rounds
 
     @classmethod
-    def from_message(cls, msg: Message, context: Context) -> TrainJob:
-        """The job of a train message; a rank above this node's budget is refused."""
+    def from_message(cls, msg: Message, context: Context, evaluating: bool = False) -> TrainJob:
+        """The job of a train (or evaluate) message, with this client's personal factors of an
+        earlier round (of this round when it evaluates); a rank above its budget is refused."""
         settings, _ = parse_run_config(context.run_config, strict=False)
         instruction = wire.TrainInstruction.from_record(msg.content[wire.CONFIG])
         if wire.BUDGET in context.state:
             budget = wire.BudgetReply.from_record(context.state[wire.BUDGET])
             check_sent_rank(instruction.rank, budget.rank)
         received = wire.from_record(msg.content[wire.ARRAYS])
-        return cls(settings, instruction, received, dict(context.node_config), client_id(context))
+        job = cls(settings, instruction, received, dict(context.node_config), client_id(context))
+        if instruction.personal:
+            through = instruction.server_round - (0 if evaluating else 1)
+            job = replace(job, personal=job.personal_store().latest(through))
+        return job
+
+    def personal_store(self) -> PersonalStore:
+        """Where this client keeps its personal factors of this run."""
+        key = self.instruction.personal_key
+        return PersonalStore.of(self.settings.results_dir, self.node_config, key, self.client_id)
 
     @property
     def seed(self) -> int:
@@ -183,7 +195,7 @@ class LocalWork:
         self.job = job
         self.worker = worker_for(job.settings)
         self.spec = replace(received_spec(job.instruction, job.settings), slot=slot)
-        self.arrays = adapter_state.trainable(job.received)
+        self.arrays = adapter_state.trainable(job.received) | job.personal
         self.data = local_data(job.settings, job.node_config)
         self.penalty = None
         self.keep, self.score_before = job.instruction.rank, 0.0
@@ -191,6 +203,10 @@ class LocalWork:
     def load(self) -> None:
         """Load the sent arrays into this client's adapter (the host's lock held)."""
         host, spec = self.worker.host, self.spec
+        personal = self.job.instruction.personal
+        if personal and not self.job.personal:  # its first round: peft's initial values
+            fresh = host.initial_state(spec, seed=self.job.seed)
+            self.arrays = self.arrays | split_personal(fresh, personal)[1]
         model = host.set_state(spec, self.arrays)
         built = host.built_scaling(spec)
         if not all(math.isclose(s, spec.scaling, rel_tol=1e-9) for s in built):
@@ -240,25 +256,29 @@ def run_alone(job: TrainJob) -> JobResult:
 
 
 def reply_message(msg: Message, job: TrainJob, result: JobResult, started: float) -> Message:
-    """The train reply: the trained arrays and a :class:`~hetfed.wire.TrainReply`."""
+    """The train reply: the trained arrays and a :class:`~hetfed.wire.TrainReply`; personal
+    factors stay on the client, kept for its next round."""
+    state, personal = split_personal(result.state, job.instruction.personal)
+    if personal:
+        job.personal_store().save(job.instruction.server_round, personal)
     reply = wire.TrainReply(
         num_examples=result.num_examples,
         train_loss=result.train_loss,
         rank=result.rank,
         seconds=time.perf_counter() - started,
         bytes_down=wire.nbytes(job.received),
-        bytes_up=wire.nbytes(result.state),
+        bytes_up=wire.nbytes(state),
     )
-    arrays = wire.to_record(result.state)
+    arrays = wire.to_record(state)
     content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: reply.to_record()})
     return Message(content, reply_to=msg)
 
 
 def evaluate_locally(msg: Message, context: Context) -> Message:
     """Federated evaluation: the sent global adapter, at this client's rank, scored on its own
-    test split (``data.local-test-fraction``); the reply is a :class:`~hetfed.wire.
-    EvaluateReply`."""
-    job = TrainJob.from_message(msg, context)  # a rank above the budget is refused
+    test split (``data.local-test-fraction``), with the client's own personal factors where it
+    keeps some; the reply is a :class:`~hetfed.wire.EvaluateReply`."""
+    job = TrainJob.from_message(msg, context, evaluating=True)  # a rank above budget is refused
     work = LocalWork(job)
     test = local_data(job.settings, job.node_config, TEST_PART)
     host, train = work.worker.host, job.settings.train

@@ -11,6 +11,7 @@ NUM_PARTITIONS = "num-partitions"
 NODE_TIER = "tier"
 NODE_DATA = "data-path"
 NODE_CLIENT_ID = "client-id"  # deployment: a number that names this device across runs
+NODE_STATE_DIR = "state-dir"  # where the client keeps its personal factors (personal_state)
 
 
 def client_id(context: Context) -> int:

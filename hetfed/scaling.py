@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from hetfed.adapter_state import map_lora
+from hetfed.adapter_state import LORA_B, factor_of
 
 SCALING_RULES = ("standard", "rslora", "fixed")
 
@@ -46,13 +46,12 @@ def rule_alpha(rule: str, alpha: float, rank: int, max_rank: int) -> float:
     return alpha * rank / max_rank if rule == "fixed" else alpha
 
 
-def rescale_b(b: np.ndarray, a: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """(factor B, A) in B's dtype: the same product at a scaling ``factor`` times smaller."""
-    if factor == 1.0:
-        return b, a
-    return (b * factor).astype(b.dtype, copy=False), a
+def rescale_b(b: np.ndarray, factor: float) -> np.ndarray:
+    """factor B in B's dtype: with the same A, the product at a scaling ``factor`` times smaller."""
+    return b if factor == 1.0 else (b * factor).astype(b.dtype, copy=False)
 
 
 def rescale_state(state: Mapping[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:
-    """Every LoRA module's B times ``factor`` (its product ``factor`` times larger)."""
-    return map_lora(state, lambda b, a: rescale_b(b, a, factor))
+    """Every LoRA module's B times ``factor`` (its product ``factor`` times larger); A, the
+    head and a state without B (a reply whose B stays on the client) as they are."""
+    return {k: rescale_b(v, factor) if factor_of(k) == LORA_B else v for k, v in state.items()}

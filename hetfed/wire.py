@@ -45,6 +45,11 @@ LAYERS = "layers"  # the transformer blocks whose LoRA modules the client trains
 # LoRA factors (lora_A, lora_B) the client keeps fixed while it trains (none if absent); it still
 # returns them, unchanged. The FFA-LoRA example plugin (examples/) freezes A this way.
 FROZEN = "frozen"
+# LoRA factors the client keeps to itself across rounds (FedSA-LoRA's B): they are neither sent
+# nor returned; the client trains them from its own value of an earlier round (peft's initial
+# value the first time), kept under the run's PERSONAL_KEY (:mod:`client_apps.personal_state`).
+PERSONAL = "personal"
+PERSONAL_KEY = "personal-key"  # names the run (it survives a resume): whose values to load
 LOCAL_STEPS = "local-steps"  # fewer local steps than the run's (a straggler under a deadline)
 FAULT = "fault"  # failure injection (hetfed.faults): how this client misbehaves this round
 FAULT_SECONDS = "fault-seconds"  # how long a "timeout" fault waits before replying
@@ -95,6 +100,8 @@ class TrainInstruction:
     seed: int  # the round's seed; the client adds its id (hetfed.seeds.local_seed)
     layers: tuple[int, ...] | None = None  # None: every block
     frozen: tuple[str, ...] = ()
+    personal: tuple[str, ...] = ()
+    personal_key: str = ""
     pruning: Pruning | None = None
     local_steps: int | None = None  # None: the run's train.local-steps
     fault: str | None = None  # hetfed.faults: misbehave on purpose (tests and experiments)
@@ -113,6 +120,8 @@ class TrainInstruction:
             record[LAYERS] = sorted(self.layers)
         if self.frozen:
             record[FROZEN] = list(self.frozen)
+        if self.personal:
+            record |= {PERSONAL: list(self.personal), PERSONAL_KEY: self.personal_key}
         if self.pruning is not None:
             record |= {
                 PRUNE_GAMMA: self.pruning.gamma,
@@ -143,6 +152,8 @@ class TrainInstruction:
             seed=_get(record, SEED, int),
             layers=tuple(int(i) for i in record[LAYERS]) if LAYERS in record else None,
             frozen=tuple(str(f) for f in record[FROZEN]) if FROZEN in record else (),
+            personal=tuple(str(f) for f in record[PERSONAL]) if PERSONAL in record else (),
+            personal_key=_get(record, PERSONAL_KEY, str) if PERSONAL in record else "",
             pruning=pruning,
             local_steps=_get(record, LOCAL_STEPS, int) if LOCAL_STEPS in record else None,
             fault=str(record[FAULT]) if FAULT in record else None,

@@ -404,7 +404,8 @@ class LoRAStrategy(Strategy):
     ) -> Iterable[Message]:
         """Federated evaluation (``fraction-evaluate``; the central evaluation is the ServerApp's
         evaluate_fn): a sample of the known clients each get the new global adapter as they
-        would train it (their rank, at their scaling) and score it on their own test split."""
+        would train it (their rank, at their scaling, with their instruction: a client's own
+        personal factors) and score it on their own test split."""
         if self.settings.fraction_evaluate == 0:
             return []
         global_state = wire.from_record(arrays)
@@ -414,7 +415,9 @@ class LoRAStrategy(Strategy):
         for client_id in clients:
             rank = self.client_rank(client_id)
             spec, state, _ = self.sent_arrays(global_state, rank)
-            content = wire.train_content(state, self.instruction_for(server_round, spec))
+            instruction = self.instruction_for(server_round, spec)
+            instruction = self.client_instruction(server_round, client_id, instruction)
+            content = wire.train_content(state, instruction)
             node = self.nodes.node_of[client_id]
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
         return messages

@@ -131,7 +131,8 @@ def trained(rng, n_examples=None, rank_override=None, mutate=None):
     def reply(node, rank, arrays):
         r = rank_override(node, rank) if rank_override else rank
         new = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in arrays.items()}
-        new = adapter_state.truncate_state(new, r)
+        if r != rank:
+            new = adapter_state.truncate_state(new, r)
         if mutate:
             new = mutate(node, new)
         sent[node] = new

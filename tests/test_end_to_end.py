@@ -27,6 +27,7 @@ from tooling.scenarios import OFFLINE_ENV, run_status
 # Options some strategies need beyond the tiny scenario's.
 EXTRA_CONFIG = {
     "helora-kd": {"data.server-examples": 64},
+    "fedsa-lora": {"fraction-evaluate": 1.0, "data.local-test-fraction": 0.25},
     "fim-hla": {
         "data.server-examples": 16,
         "fim-hla.examples": 16,

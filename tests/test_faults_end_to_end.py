@@ -100,11 +100,9 @@ def _kill_server_app(results: Path) -> int:
     return pid
 
 
-def test_a_killed_run_resumes_to_the_same_final_adapter(whole_run, flower_home, tmp_path):
-    """Uninterrupted run vs. the same run whose ServerApp process is killed (SIGKILL, with
-    everything it started) after its first checkpoint, then resumed with ``resume = true``:
-    the final adapters agree to 1e-6."""
-    config, whole = whole_run
+def _kill_and_resume(config: dict, flower_home: Path, tmp_path: Path) -> Path:
+    """Run ``config``, kill its ServerApp process (SIGKILL, with everything it started) after
+    its first checkpoint, then resume it with ``resume = true``; its results folder."""
     folder = write_scenario(tmp_path / "killed", {**config, "results-dir": "killed"})
     env = {**os.environ, "FLWR_HOME": str(flower_home)}
     command = [sys.executable, "-m", "tooling.cli", "run", str(folder)]
@@ -142,8 +140,46 @@ def test_a_killed_run_resumes_to_the_same_final_adapter(whole_run, flower_home, 
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed_after_round"] == stopped.server_round
     assert [r["round"] for r in read_metrics(killed)] == [0, 1, 2, 3, 4]
+    return killed
+
+
+def test_a_killed_run_resumes_to_the_same_final_adapter(whole_run, flower_home, tmp_path):
+    """Uninterrupted run vs. the same run killed after its first checkpoint and resumed: the
+    final adapters agree to 1e-6."""
+    config, whole = whole_run
+    killed = _kill_and_resume(config, flower_home, tmp_path)
     assert_same_adapter(killed, whole)
     assert read_metrics(killed)[-1]["accuracy"] == read_metrics(whole)[-1]["accuracy"]
+
+
+@pytest.mark.slow
+def test_fedsa_lora_clients_keep_their_b_across_a_kill_and_resume(
+    flower_home, topics_corpus, tmp_path
+):
+    """FedSA-LoRA: each client's B lives on the client. Killed and resumed, the run repeats
+    the round it was killed in from the B the clients had after the last finished round, so
+    every client's own model scores as in the uninterrupted run, round by round (had they
+    restarted from B = 0, or from the B of the killed round, the figures would differ)."""
+    config = {
+        **RESUMED_CONFIG,
+        "data.source": str(topics_corpus),
+        "strategy": "fedsa-lora",
+        "fraction-evaluate": 1.0,
+        "data.local-test-fraction": 0.25,
+    }
+    whole = tmp_path / "whole"
+    scenario = write_scenario(tmp_path / "whole-scenario", {**config, "results-dir": "whole"})
+    proc = hetfed_run(flower_home, tmp_path, scenario)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    (tmp_path / "resumed").mkdir()
+    killed = _kill_and_resume(config, flower_home, tmp_path / "resumed")
+    expected = [r["client_accuracies"] for r in read_metrics(whole)]
+    assert [r["client_accuracies"] for r in read_metrics(killed)] == expected
+    assert_same_adapter(killed, whole)
+    assert (
+        read_metrics(whole)[-1]["client_accuracy_mean"]
+        > read_metrics(whole)[1]["client_accuracy_mean"]
+    )
 
 
 RESULT_FILES = ("metrics.jsonl", "accuracy.png", "adapter/adapter_model.safetensors")
