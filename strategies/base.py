@@ -85,6 +85,9 @@ class LoRAStrategy(Strategy):
     tasks: ClassVar[tuple[str, ...]] = TASKS  # the model.task values it supports
     # run-config key -> (the value the method needs, why); checked when it is built
     requires: ClassVar[dict[str, tuple[Any, str]]] = {}
+    # LoRA factors each client keeps to itself across rounds, never sent or returned
+    # (FedSA-LoRA's B); the method aggregates what remains
+    personal: ClassVar[tuple[str, ...]] = ()
     clock: DeviceClock | None = None  # the run's simulated device clock (set by the run plan)
 
     def __init__(

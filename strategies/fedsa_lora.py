@@ -54,6 +54,7 @@ class FedSALoRA(LoRAStrategy):
 
     name = "fedsa-lora"
     description = "FedSA-LoRA: only A shared and averaged; each client keeps its own B"
+    personal = (LORA_B,)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -70,12 +71,12 @@ class FedSALoRA(LoRAStrategy):
     def client_instruction(
         self, server_round: int, client_id: int, instruction: wire.TrainInstruction
     ) -> wire.TrainInstruction:
-        return replace(instruction, personal=(LORA_B,), personal_key=self.personal_key)
+        return replace(instruction, personal=self.personal, personal_key=self.personal_key)
 
     def distribute(self, global_state: State, rank: int) -> State:
         """A[:r_k, :] and the head: B never leaves a client, so none is sent."""
         sent = super().distribute(global_state, rank)
-        return {k: v for k, v in sent.items() if adapter_state.factor_of(k) != LORA_B}
+        return {k: v for k, v in sent.items() if adapter_state.factor_of(k) not in self.personal}
 
     def aggregate(
         self, server_round: int, updates: list[ClientUpdate], global_state: State

@@ -149,14 +149,15 @@ def traced(function: Callable[..., Any], *args: Any) -> tuple[Any, float, int]:
 
 
 def rank_strategy_names() -> list[str]:
-    """Registered strategies that aggregate ranks (layer strategies and broken plugins left out)."""
+    """Registered strategies that aggregate ranks of factor pairs (layer strategies, methods
+    whose clients keep a factor, and broken plugins left out)."""
     names = []
     for name in strategy_names():
         try:
             cls = load_strategy(name)
         except ConfigError:
             continue
-        if not issubclass(cls, LayerStrategy):
+        if not issubclass(cls, LayerStrategy) and not cls.personal:
             names.append(name)
     return names
 
