@@ -111,12 +111,19 @@ def restrict_to_layers(state: Mapping[str, np.ndarray], layers: Iterable[int]) -
     return {
         k: v
         for k, v in state.items()
-        if not k.endswith((_A_SUFFIX, _B_SUFFIX)) or _module(k) not in dropped
+        if not k.endswith((_A_SUFFIX, _B_SUFFIX)) or module_of(k) not in dropped
     }
 
 
-def _module(key: str) -> str:
+def module_of(key: str) -> str:
+    """The LoRA module a factor's key belongs to."""
     return key[: -len(_A_SUFFIX)] if key.endswith(_A_SUFFIX) else key[: -len(_B_SUFFIX)]
+
+
+def without_factors(state: Mapping[str, np.ndarray], factors: Iterable[str]) -> State:
+    """``state`` less the LoRA factors named in ``factors`` (e.g. ``(LORA_B,)``)."""
+    factors = set(factors)
+    return {k: v for k, v in state.items() if factor_of(k) not in factors}
 
 
 def factor_of(key: str) -> str | None:

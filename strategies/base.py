@@ -18,12 +18,16 @@ subclasses it and overrides a few hooks:
 - :meth:`accept`, :meth:`model_view`, :meth:`state_dict` / :meth:`load_state_dict`.
 
 Class attributes declare what a method needs, checked once when it is built: ``tasks``,
-``requires`` (settings it cannot run without) and :meth:`server_examples_needed`.
+``requires`` (settings it cannot run without) and :meth:`server_examples_needed`. ``personal``
+names the LoRA factors each client keeps to itself across rounds: the base never sends them,
+tells the client to keep them under the run's ``personal_key`` (checkpointed), and completes
+each reply with their global values, so the method's rule still sees factor pairs.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -60,6 +64,7 @@ from strategies.replies import (
     contributor_groups,
     enough_replies,
     train_metrics,
+    with_global_factors,
 )
 
 
@@ -105,6 +110,8 @@ class LoRAStrategy(Strategy):
         self.stats: dict[int, RoundStats] = {}
         self.round = RoundState()
         self.server: ServerModel | None = None
+        # names this run's personal factors on the clients; drawn fresh, restored on a resume
+        self.personal_key = uuid.uuid4().hex if self.personal else ""
         check_requirements(self)
 
     budgets = property(lambda self: self.nodes.budgets)  # client id -> NodeBudget
@@ -221,11 +228,14 @@ class LoRAStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         """What the method keeps between rounds besides the global state, as JSON types (no
         budgets: clients report them again; no RNG state: every draw is seeded)."""
-        return self.rank_policy.state_dict()
+        personal = {wire.PERSONAL_KEY: self.personal_key} if self.personal else {}
+        return self.rank_policy.state_dict() | personal
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (resume)."""
         self.rank_policy.load_state_dict(state)
+        if self.personal:
+            self.personal_key = state[wire.PERSONAL_KEY]
 
     def describe(self) -> str:
         """One line with the method's options, for the log and summary.json."""
@@ -350,7 +360,8 @@ class LoRAStrategy(Strategy):
         self, server_round: int, spec: LoraSpec, **training: Any
     ) -> wire.TrainInstruction:
         """The instruction that comes with a client's adapter (``spec``): its rank, alpha and
-        scaling and the round's seed; ``training``: its layers, pruning and fault."""
+        scaling, the round's seed and the factors it keeps to itself; ``training``: its layers,
+        pruning and fault."""
         return wire.TrainInstruction(
             server_round=server_round,
             rank=spec.rank,
@@ -358,15 +369,17 @@ class LoRAStrategy(Strategy):
             lora_rslora=spec.rslora,
             lora_scaling=spec.scaling,
             seed=seeds.round_seed(self.settings.seed, server_round),
+            personal=self.personal,
+            personal_key=self.personal_key,
             **training,
         )
 
     def sent_arrays(self, global_state: State, rank: int) -> tuple[LoraSpec, State, float]:
         """The adapter of a rank-``rank`` client (its spec), the arrays it gets from
         ``global_state`` at the global model's strength (``lora.rescale``), and the scaling of
-        the global adapter they are cut from."""
+        the global adapter they are cut from; a client's personal factors are never sent."""
         spec, source_scaling = self.spec(rank), self.source_scaling(rank)
-        state = self.distribute(global_state, rank)
+        state = adapter_state.without_factors(self.distribute(global_state, rank), self.personal)
         if self.settings.lora.rescale:  # s_k B_k A_k = s_g B[:, :r_k] A[:r_k, :]
             state = rescale_state(state, source_scaling / spec.scaling)
         return spec, state, source_scaling
@@ -398,9 +411,10 @@ class LoRAStrategy(Strategy):
         sent = self.round.sent.get(client_id)
         allowed = self.rank_policy.allowed_reply_ranks(client_id, sent.rank) if sent else set()
         update = accepted_update(reply, client_id, sent, allowed, self.settings, stats)
-        if update is not None:
-            del self.round.sent[client_id]
-        return update
+        if update is None:
+            return None
+        del self.round.sent[client_id]
+        return with_global_factors(update, self.round.global_state, self.personal)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

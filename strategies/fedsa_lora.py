@@ -3,9 +3,9 @@
 Guo, Zeng, Wang, Fan, Wang and Qu, "Selective Aggregation for Low-Rank Adaptation in Federated
 Learning", ICLR 2025 (arXiv 2410.01463). See docs/methods/fedsa-lora.md.
 
-- Distribute: client k gets A[:r_k, :] (HetLoRA's truncation) and the head; no B. Its train
-  instruction names B ``personal``: the client trains its own B from the value it kept after its
-  last round (peft's B = 0 the first time) and does not return it
+- Distribute: client k gets A[:r_k, :] (HetLoRA's truncation) and the head. B is ``personal``
+  (the base's class attribute): it is never sent, the client trains its own B from the value it
+  kept after its last round (peft's B = 0 the first time) and does not return it
   (:mod:`client_apps.personal_state`, where it survives rounds and a resume).
 - Aggregate: per rank index i, over the replies K_i = {k : r_k > i} that hold it,
   A[i, :] <- sum_{k in K_i} p_k A_k[i, :] / sum_{k in K_i} p_k with p_k = n_k / sum n
@@ -19,32 +19,30 @@ Learning", ICLR 2025 (arXiv 2410.01463). See docs/methods/fedsa-lora.md.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from hetfed import adapter_state, wire
-from hetfed.adapter_state import LORA_A, LORA_B, LoraPairs, State
-from hetfed.aggregation import head_average
+from hetfed.adapter_state import LORA_B, LoraPairs
 from hetfed.errors import ConfigError
 from hetfed.lora_algebra import average_per_rank_index
 from strategies.base import LoRAStrategy
 from strategies.replies import ClientUpdate
 
-PERSONAL_KEY = "personal-key"  # of the strategy's checkpointed state
 
-
-def average_a(replies: Sequence[np.ndarray], weights: Sequence[float], global_a: np.ndarray):
-    """FedSA-LoRA's A (r_max x d_in) from the replies' A_k (r_k x d_in): row i is
-    sum_{k: r_k > i} p_k A_k[i, :] / sum_{k: r_k > i} p_k (RBLA's per-index average of A,
-    :func:`hetfed.lora_algebra.average_per_rank_index`); rows no reply holds keep their global
-    values."""
-    unused_b = [np.zeros((1, a.shape[0]), a.dtype) for a in replies]  # the rule needs no B
-    _, averaged = average_per_rank_index(unused_b, replies, weights, global_a.shape[0])
-    held = max(a.shape[0] for a in replies)
+def average_a(
+    bs: Sequence[np.ndarray],
+    as_: Sequence[np.ndarray],
+    weights: Sequence[float],
+    global_a: np.ndarray,
+) -> np.ndarray:
+    """FedSA-LoRA's A (r_max x d_in) from the replies' A_k (r_k x d_in, with their B_k):
+    row i is sum_{k: r_k > i} p_k A_k[i, :] / sum_{k: r_k > i} p_k (RBLA's per-index average,
+    :func:`hetfed.lora_algebra.average_per_rank_index`, of which only A is kept); rows no
+    reply holds keep their global values."""
+    _, averaged = average_per_rank_index(bs, as_, weights, global_a.shape[0])
+    held = max(a.shape[0] for a in as_)
     averaged[held:] = global_a[held:]
     return averaged
 
@@ -66,41 +64,15 @@ class FedSALoRA(LoRAStrategy):
                 "a number > 0 for fedsa-lora: its model is each client's own B with the shared "
                 "A, scored by federated evaluation on the clients' test splits",
             )
-        self.personal_key = uuid.uuid4().hex  # this run's; a resume restores it
-
-    def client_instruction(
-        self, server_round: int, client_id: int, instruction: wire.TrainInstruction
-    ) -> wire.TrainInstruction:
-        return replace(instruction, personal=self.personal, personal_key=self.personal_key)
-
-    def distribute(self, global_state: State, rank: int) -> State:
-        """A[:r_k, :] and the head: B never leaves a client, so none is sent."""
-        sent = super().distribute(global_state, rank)
-        return {k: v for k, v in sent.items() if adapter_state.factor_of(k) not in self.personal}
-
-    def aggregate(
-        self, server_round: int, updates: list[ClientUpdate], global_state: State
-    ) -> State:
-        """Each A per rank index over the replies (:func:`average_a`), the head with p_k, B and
-        the rest of the global state kept."""
-        examples = [u.num_examples for u in updates]
-        weights = np.asarray(examples, dtype=np.float64) / sum(examples)  # p_k
-        new_state = dict(global_state)
-        for key, global_a in global_state.items():
-            if adapter_state.factor_of(key) == LORA_A:
-                new_state[key] = average_a([u.state[key] for u in updates], weights, global_a)
-        _, global_head = adapter_state.split_state(global_state)
-        heads = [{k: u.state[k] for k in global_head} for u in updates]
-        return new_state | head_average(heads, examples, global_head)
 
     def aggregate_lora(
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
     ) -> LoraPairs:
-        raise NotImplementedError("FedSA-LoRA aggregates A alone (aggregate), never factor pairs")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), PERSONAL_KEY: self.personal_key}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.personal_key = state[PERSONAL_KEY]
+        """Per module, A per rank index over the replies (:func:`average_a`, weights n_k), B
+        kept at its global value (the replies' B are that value: clients keep theirs)."""
+        examples = [u.num_examples for u in updates]
+        new = {}
+        for module, (global_b, global_a) in global_lora.items():
+            bs, as_ = zip(*(u.lora[module] for u in updates), strict=True)
+            new[module] = (global_b, average_a(bs, as_, examples, global_a))
+        return new

@@ -206,6 +206,25 @@ def contributor_groups(
     ]
 
 
+def with_global_factors(
+    update: ClientUpdate, global_state: State, factors: tuple[str, ...]
+) -> ClientUpdate:
+    """``update`` completed with the LoRA factors its client keeps to itself (``factors``, never
+    sent or returned: FedSA-LoRA's B) at their global values cut to its rank, for the modules it
+    returned: the server's view of a personal factor is the global one, so a method's rule sees
+    factor pairs."""
+    if not factors:
+        return update
+    returned = {adapter_state.module_of(k) for k in update.state if adapter_state.factor_of(k)}
+    global_cut = adapter_state.truncate_state(global_state, update.rank)
+    kept = {
+        k: v
+        for k, v in global_cut.items()
+        if adapter_state.factor_of(k) in factors and adapter_state.module_of(k) in returned
+    }
+    return replace(update, state=update.state | kept)
+
+
 def enough_replies(server_round: int, valid: int, min_train_replies: int) -> bool:
     """Whether a round got ``min-train-replies`` valid replies (logged when it did not)."""
     if valid < min_train_replies:

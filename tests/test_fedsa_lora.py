@@ -16,6 +16,7 @@ from client_apps.local_training import TrainJob, evaluate_locally, reply_message
 from client_apps.node_config import NODE_STATE_DIR, NUM_PARTITIONS, PARTITION_ID
 from client_apps.personal_state import PersonalStore
 from hetfed import wire
+from hetfed.adapter_state import LORA_B
 from hetfed.adapters import AdapterHost
 from hetfed.config import RunSettings
 from hetfed.data import load_splits
@@ -26,6 +27,7 @@ from hetfed.results import read_metrics
 from hetfed.server_model import ServerModel
 from hetfed.training import encode_split
 from server_apps.run_plan import plan_run
+from strategies.fedit import FedIT
 from strategies.fedsa_lora import FedSALoRA
 from tests.conftest import write_scenario
 from tests.harness import MODULES, PROFILES, InProcessGrid, global_state, train_round, trained
@@ -89,6 +91,38 @@ def test_each_row_of_a_is_averaged_over_the_clients_that_hold_it():
     for key in ("classifier.weight", "classifier.bias"):
         head = sum(examples[node] * returned[node][key].astype(np.float64) for node in returned)
         np.testing.assert_allclose(new[key], head / total, rtol=1e-5, atol=1e-6)
+
+
+class _PersonalFedIT(FedIT):
+    """FedIT whose clients keep B: what any method gets from declaring ``personal``."""
+
+    personal = (LORA_B,)
+
+
+def test_any_method_that_declares_a_factor_personal_keeps_it_on_the_clients():
+    """The base does the plumbing: B is not sent, the instruction names it with the run's key
+    (checkpointed), a reply without B is accepted and the rule sees the global B in its place:
+    FedIT's mean gives A = sum n_k A_k / sum n_k and leaves B as it was."""
+    settings = RunSettings(min_train_nodes=1, min_available_nodes=3)
+    strategy = _PersonalFedIT(settings, PROFILES)
+    state = global_state(np.random.default_rng(0), rank=2)
+    examples = {1000: 5, 1001: 20, 1002: 75}
+    reply, returned = trained(np.random.default_rng(3), n_examples=examples)
+    messages, new = train_round(strategy, state, reply)
+    for msg in messages:
+        assert not [k for k in wire.from_record(msg.content[wire.ARRAYS]) if "lora_B" in k]
+        assert msg.content[wire.CONFIG][wire.PERSONAL_KEY] == strategy.personal_key
+    assert len(returned) == 3 and new is not None
+    for module in MODULES:
+        a = f"{module}.lora_A.weight"
+        mean = sum(examples[n] * returned[n][a].astype(np.float64) for n in returned) / 100
+        np.testing.assert_allclose(new[a], mean, rtol=1e-5, atol=1e-6)
+        b = f"{module}.lora_B.weight"
+        np.testing.assert_allclose(new[b], state[b], rtol=1e-6)
+    resumed = _PersonalFedIT(settings, PROFILES)
+    resumed.load_state_dict(json.loads(json.dumps(strategy.state_dict())))
+    assert resumed.personal_key == strategy.personal_key
+    assert FedIT(settings, PROFILES).personal_key == ""  # a shared method has none
 
 
 def test_it_needs_federated_evaluation():

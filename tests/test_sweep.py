@@ -16,6 +16,7 @@ from hetfed.results import TEST_EXAMPLES
 from tests.conftest import write_scenario
 from tooling.stats import mean_interval, paired_bootstrap, paired_difference
 from tooling.sweep import (
+    Sweep,
     comparison_rows,
     load_sweep,
     run_sweep,
@@ -128,11 +129,9 @@ def test_common_keys_reach_every_row_and_a_row_overrides_them(tmp_path, tiny_con
     assert sweep.lr_grid("a") == [0.001, 0.01] and sweep.lr_grid("b") is None
 
 
-def test_a_sweep_runs_seed_by_seed_and_chooses_a_step_size_before_a_rows_first_seed(
-    tmp_path, tiny_config, monkeypatch
-):
-    """A sweep stopped part-way has every row at the seeds it finished: the order of the runs,
-    recorded in place of running them."""
+def _recorded_sweep(tmp_path, tiny_config, monkeypatch) -> tuple[Sweep, list[str]]:
+    """Rows a (one step size) and b (a grid) at seeds 1 and 2, whose runs and step-size choices
+    are recorded in order in place of running them."""
     write_scenario(tmp_path / "base", tiny_config)
     (tmp_path / "s.yaml").write_text(
         "scenario: base\nseeds: [1, 2]\nselect-lr: {rounds: 2, seed: 0}\n"
@@ -143,8 +142,35 @@ def test_a_sweep_runs_seed_by_seed_and_chooses_a_step_size_before_a_rows_first_s
     monkeypatch.setattr(
         sweep_module, "_choose_lr", lambda s, name, out: order.append(f"choose {name}") or 0.01
     )
-    run_sweep(load_sweep(tmp_path / "s.yaml"), tmp_path / "out")
+    return load_sweep(tmp_path / "s.yaml"), order
+
+
+def test_a_sweep_runs_seed_by_seed_and_chooses_a_step_size_before_a_rows_first_seed(
+    tmp_path, tiny_config, monkeypatch
+):
+    """A sweep stopped part-way has every row at the seeds it finished: the order of the runs,
+    recorded in place of running them."""
+    sweep, order = _recorded_sweep(tmp_path, tiny_config, monkeypatch)
+    run_sweep(sweep, tmp_path / "out")
     assert order == ["a-seed1", "choose b", "b-seed1", "a-seed2", "b-seed2"]
+
+
+def test_a_sweep_can_run_some_rows_first_and_still_tables_every_row(
+    tmp_path, tiny_config, monkeypatch
+):
+    """``--runs b`` runs row b's seeds (its step size chosen first) and none of row a's; the
+    table still has row a, as not run. A row the sweep lacks is refused before any run."""
+    sweep, order = _recorded_sweep(tmp_path, tiny_config, monkeypatch)
+    with pytest.raises(ConfigError, match="--runs.*'c'.*rows of the sweep: a, b"):
+        run_sweep(sweep, tmp_path / "out", ["b", "c"])
+    assert order == []
+    rows = run_sweep(sweep, tmp_path / "out", ["b"])
+    assert order == ["choose b", "b-seed1", "b-seed2"]
+    assert {(r["run"], r["seed"], r["status"]) for r in rows if r["run"] == "a"} == {
+        ("a", 1, "not run"),
+        ("a", 2, "not run"),
+    }
+    assert "| a |" in (tmp_path / "out" / "comparison.md").read_text()
 
 
 def test_the_mean_of_the_last_rounds_on_test_is_tabled_and_paired(tmp_path, tiny_config):

@@ -9,8 +9,9 @@
 - ``hetfed table RESULTS_DIR ...``: a Markdown table comparing finished runs.
 - ``hetfed costs scenarios/NAME [--ranks 1,2,4]``: what each rank and layer budget costs a
   client of the scenario's model: FLOPs, peak memory, bytes (:mod:`tooling.costs`).
-- ``hetfed sweep SWEEP.yaml [--out DIR]``: run a scenario over strategies, options and seeds
-  (:mod:`tooling.sweep`), skipping finished runs, and write the comparison tables and plots.
+- ``hetfed sweep SWEEP.yaml [--out DIR] [--runs a,b]``: run a scenario over strategies, options
+  and seeds (:mod:`tooling.sweep`), skipping finished runs (and rows ``--runs`` leaves out), and
+  write the comparison tables and plots.
 - ``hetfed bench [--quick] [--items 1,2,3,4,5,6,7] [--out FILE]``: measure the cost model
   (client updates/s, framework overhead, server aggregation, server memory per client, bf16
   against fp32 training steps, per-message device cost, packed training;
@@ -32,6 +33,13 @@ def _numbers(text: str) -> tuple[int, ...]:
     if not numbers or numbers[0] < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers >= 1")
     return numbers
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated row names")
+    return names
 
 
 def _bench_items(text: str) -> tuple[int, ...]:
@@ -63,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a scenario over strategies/options/seeds")
     sweep.add_argument("file", help="a sweep YAML file")
     sweep.add_argument("--out", help="results folder (default: results/<sweep file name>)")
+    sweep.add_argument(
+        "--runs", type=_names, help="run only these rows now, e.g. fedit,florist (default: all)"
+    )
     costs = sub.add_parser("costs", help="FLOPs, memory and bytes of each rank and layer budget")
     costs.add_argument("scenario", help="a scenario folder, e.g. scenarios/quickstart")
     costs.add_argument(
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             from tooling.sweep import load_sweep, run_sweep
 
             out = Path(args.out or Path("results") / Path(args.file).stem)
-            rows = run_sweep(load_sweep(args.file), out)
+            rows = run_sweep(load_sweep(args.file), out, args.runs)
             print((out / "comparison.md").read_text())
             return 0 if all(r["status"] == "completed" for r in rows) else 1
         if args.command == "bench":
