@@ -26,7 +26,7 @@ import numpy as np
 
 from hetfed.adapter_state import LORA_B, LoraPairs
 from hetfed.errors import ConfigError
-from hetfed.lora_algebra import average_per_rank_index
+from hetfed.lora_algebra import average_per_rank_index, normalize_weights
 from strategies.base import LoRAStrategy
 from strategies.replies import ClientUpdate
 
@@ -68,11 +68,11 @@ class FedSALoRA(LoRAStrategy):
     def aggregate_lora(
         self, server_round: int, updates: list[ClientUpdate], global_lora: LoraPairs
     ) -> LoraPairs:
-        """Per module, A per rank index over the replies (:func:`average_a`, weights n_k), B
+        """Per module, A per rank index over the replies (:func:`average_a`, weights p_k), B
         kept at its global value (the replies' B are that value: clients keep theirs)."""
-        examples = [u.num_examples for u in updates]
+        weights = normalize_weights([u.num_examples for u in updates])  # p_k
         new = {}
         for module, (global_b, global_a) in global_lora.items():
             bs, as_ = zip(*(u.lora[module] for u in updates), strict=True)
-            new[module] = (global_b, average_a(bs, as_, examples, global_a))
+            new[module] = (global_b, average_a(bs, as_, weights, global_a))
         return new
