@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from hetfed.checkpoint import load_checkpoint
 from hetfed.results import PROCESS, read_metrics
 from tests.conftest import TINY_CONFIG, assert_same_adapter, hetfed_run, write_scenario
+from tooling.scenarios import run_status
 
 # The runs that are killed or resumed below, and the uninterrupted run they must end equal to.
 RESUMED_CONFIG = {**TINY_CONFIG, "num-server-rounds": 4, "resume": False}
@@ -183,6 +185,45 @@ def test_fedsa_lora_clients_keep_their_b_across_a_kill_and_resume(
 
 
 RESULT_FILES = ("metrics.jsonl", "accuracy.png", "adapter/adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_flower_run_too(flower_home, tiny_config, tmp_path):
+    """``kill`` (SIGTERM) on a `hetfed run` or `hetfed sweep` in the background, where Ctrl-C is
+    ignored, stops its Flower run in the SuperLink as Ctrl-C does, instead of leaving it
+    training there: the run's status is finished:stopped and it writes no more rounds."""
+    folder = write_scenario(tmp_path / "scenario", {**tiny_config, "num-server-rounds": 100})
+    results, log = tmp_path / "results", tmp_path / "run.log"
+    env = {**os.environ, "FLWR_HOME": str(flower_home)}
+    command = [sys.executable, "-m", "tooling.cli", "run", str(folder)]
+    with (
+        log.open("w") as out,
+        subprocess.Popen(
+            [*command, "-c", f"results-dir={json.dumps(str(results))}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # as a background job: the signal reaches hetfed alone
+        ) as runner,
+    ):
+        deadline = time.monotonic() + 300
+        while load_checkpoint(results) is None:
+            assert runner.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=120) == 130, log.read_text()[-4000:]
+    text = log.read_text()
+    run_id = re.search(r"Successfully started run (\d+)", text).group(1)
+    assert run_status(run_id, env) == "finished:stopped", text[-4000:]
+    # the ServerApp learns of the stop within seconds (a tiny run may finish a round or two
+    # first); a run left training would go on writing rounds
+    rounds = [load_checkpoint(results).server_round]
+    for _ in range(6):
+        time.sleep(5)
+        rounds.append(load_checkpoint(results).server_round)
+    assert rounds[-1] == rounds[-3] < 100, rounds
+    assert not (results / "summary.json").exists()
 
 
 def test_resuming_a_finished_run_writes_the_same_results_again(whole_run, run_scenario, tmp_path):

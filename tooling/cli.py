@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -121,8 +122,16 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # SIGTERM (``kill``, a scheduler's stop; a background job ignores Ctrl-C) stops a run as
+    # Ctrl-C does: :func:`tooling.scenarios.run` then stops the Flower run in the SuperLink too,
+    # rather than leaving it training there
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "strategies":
             from strategies.registry import strategies_table
@@ -168,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     except (HetfedError, ValueError) as err:
         print(f"hetfed: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("hetfed: stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
