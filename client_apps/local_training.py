@@ -24,7 +24,7 @@ from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.budgets import check_sent_rank
 from hetfed.config import RunSettings, parse_run_config, require_runs_on
 from hetfed.data import load_partition, load_splits, local_split, require_known_labels
-from hetfed.data_config import DataConfig
+from hetfed.data_config import TRAIN, DataConfig
 from hetfed.models import ModelConfig, cached_model, compute_device
 from hetfed.rank_pruning import keep_rank, pruned_rank, tail_penalty, tail_score
 from hetfed.training import Encoded, TrainResult, encode_split, evaluate, train_steps
@@ -60,9 +60,6 @@ def _host(model_config: ModelConfig, num_labels: int, seed: int) -> tuple[Adapte
     return AdapterHost(model), tokenizer
 
 
-TRAIN_PART, TEST_PART = "train", "test"  # a client's examples: what it trains on, its own test
-
-
 @lru_cache(maxsize=64)
 def _encoded_partition(
     settings: RunSettings, data: DataConfig, partition: tuple[int, int] | None, part: str
@@ -72,9 +69,8 @@ def _encoded_partition(
         dataset = load_splits(data).train
     else:
         dataset = load_partition(data, *partition)
-    if data.local_test_fraction > 0:  # federated evaluation: hold out the client's own test
-        train, test = local_split(dataset, data, partition[0] if partition else 0)
-        dataset = test if part == TEST_PART else train
+    if data.local_test_fraction > 0:  # federated evaluation: the client's own held-out splits
+        dataset = local_split(dataset, data, partition[0] if partition else 0)[part]
     labels = list(dataset["label"])
     if data != settings.data:  # a device's own data: number its labels as the server does
         labels = server_label_ids(settings, data, labels)
@@ -91,9 +87,9 @@ def server_label_ids(settings: RunSettings, data: DataConfig, labels: list[int])
     return [to_run[label] for label in labels]
 
 
-def local_data(settings: RunSettings, node_config: dict, part: str = TRAIN_PART) -> Encoded:
-    """This node's training examples (or, ``part = "test"``, its local test split): from its
-    simulated partition, or its own data path."""
+def local_data(settings: RunSettings, node_config: dict, part: str = TRAIN) -> Encoded:
+    """This node's training examples (or, ``part`` test or validation, its local held-out
+    split): from its simulated partition, or its own data path."""
     data = settings.data
     if NODE_DATA in node_config:
         data = data.on_device(str(node_config[NODE_DATA]))
@@ -276,17 +272,25 @@ def reply_message(msg: Message, job: TrainJob, result: JobResult, started: float
 
 def evaluate_locally(msg: Message, context: Context) -> Message:
     """Federated evaluation: the sent global adapter, at this client's rank, scored on its own
-    test split (``data.local-test-fraction``), with the client's own personal factors where it
-    keeps some; the reply is a :class:`~hetfed.wire.EvaluateReply`."""
+    held-out splits of the round (:meth:`~hetfed.config.RunSettings.client_splits`), with the
+    client's own personal factors where it keeps some; the reply is a
+    :class:`~hetfed.wire.EvaluateReply`."""
     job = TrainJob.from_message(msg, context, evaluating=True)  # a rank above budget is refused
+    settings = job.settings
+    parts = settings.client_splits(job.instruction.server_round)
+    held_out = {part: local_data(settings, job.node_config, part) for part in parts}
     work = LocalWork(job)
-    test = local_data(job.settings, job.node_config, TEST_PART)
-    host, train = work.worker.host, job.settings.train
+    host, train = work.worker.host, settings.train
     with host.lock:
         work.load()
         host.set_base_deltas(job.base_deltas)
-        accuracy, loss = evaluate(host.peft_model, test, train.eval_batch_size, train.precision)
-    reply = wire.EvaluateReply(num_examples=len(test), accuracy=accuracy, loss=loss)
+        scores = [
+            evaluate(host.peft_model, held_out[part], train.eval_batch_size, train.precision)
+            for part in parts
+        ]
+    (accuracy, loss), *on_test = scores
+    test_accuracy, test_loss = on_test[0] if on_test else (None, None)
+    reply = wire.EvaluateReply(len(held_out[parts[0]]), accuracy, loss, test_accuracy, test_loss)
     return Message(RecordDict({wire.METRICS: reply.to_record()}), reply_to=msg)
 
 

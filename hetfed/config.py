@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hetfed.data_config import DataConfig
+from hetfed.data_config import TEST, VALIDATION, DataConfig
 from hetfed.errors import ConfigError
 from hetfed.models import ModelConfig, require_base_runs
 from hetfed.scaling import SCALING_RULES
@@ -127,7 +127,8 @@ class RunSettings:
     num_server_rounds: int = 5
     fraction_train: float = 1.0
     # federated evaluation: the share of clients that evaluate the new global model on their own
-    # test split (data.local-test-fraction) after each round (0: central evaluation only)
+    # held-out splits (data.local-test-fraction, data.local-validation-fraction) after each round
+    # (0: central evaluation only)
     fraction_evaluate: float = 0.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
@@ -153,6 +154,25 @@ class RunSettings:
     faults: FaultSettings = field(default_factory=FaultSettings)
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
 
+    @property
+    def client_split(self) -> str:
+        """The split federated evaluation scores every round on: each client's validation split
+        when it holds one (``data.local-validation-fraction``), else its test split."""
+        return VALIDATION if self.data.local_validation_fraction > 0 else TEST
+
+    def scores_test(self, server_round: int) -> bool:
+        """Whether ``server_round``'s global model is also scored on the test split (centrally,
+        and by the evaluating clients on theirs): the last ``test-rounds`` rounds only."""
+        return server_round > self.num_server_rounds - self.test_rounds
+
+    def client_splits(self, server_round: int) -> tuple[str, ...]:
+        """The held-out splits an evaluating client scores in ``server_round``: its
+        :attr:`client_split`, and its test split too where that is validation and the round is
+        one of the last ``test-rounds``."""
+        if self.client_split == VALIDATION and self.scores_test(server_round):
+            return (VALIDATION, TEST)
+        return (self.client_split,)
+
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
             raise ConfigError("num-server-rounds", self.num_server_rounds, "an integer >= 1")
@@ -168,13 +188,18 @@ class RunSettings:
                 f"a number in (0, 1): fraction-evaluate {self.fraction_evaluate} evaluates on "
                 "each client's local test split",
             )
-        if local > 0 and self.fraction_evaluate == 0:
-            raise ConfigError(
-                "fraction-evaluate",
-                self.fraction_evaluate,
-                f"a number in (0, 1]: data.local-test-fraction {local} holds out a local test "
-                "split that only federated evaluation reads",
-            )
+        held_out = {
+            "data.local-test-fraction": local,
+            "data.local-validation-fraction": self.data.local_validation_fraction,
+        }
+        for key, fraction in held_out.items():
+            if fraction > 0 and self.fraction_evaluate == 0:
+                raise ConfigError(
+                    "fraction-evaluate",
+                    self.fraction_evaluate,
+                    f"a number in (0, 1]: {key} {fraction} holds out a local split that only "
+                    "federated evaluation reads",
+                )
         if self.min_train_nodes < 1:
             raise ConfigError("min-train-nodes", self.min_train_nodes, "an integer >= 1")
         if self.min_available_nodes < self.min_train_nodes:

@@ -34,7 +34,7 @@ from flwr_datasets.partitioner import (
 )
 
 from hetfed import seeds
-from hetfed.data_config import SOURCE_ALLOWED, DataConfig, is_int
+from hetfed.data_config import SOURCE_ALLOWED, TEST, TRAIN, VALIDATION, DataConfig, is_int
 from hetfed.data_sources import INT_LABEL, RawSource, Rows, read_source
 from hetfed.errors import ConfigError
 from hetfed.seeds import Stream
@@ -401,16 +401,24 @@ def clear_cache() -> None:
 
 def local_split(
     partition: datasets.Dataset, cfg: DataConfig, partition_id: int
-) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """A client's partition as (its training examples, its local test split): a random
-    ``data.local-test-fraction`` of it (at least one example; drawn from the partition's own
-    stream of :mod:`hetfed.seeds`) held out for federated evaluation."""
-    n = len(partition)
+) -> dict[str, datasets.Dataset]:
+    """A client's partition by part: its local test split, a random ``data.local-test-fraction``
+    of it held out for federated evaluation, its local validation split, the next
+    ``data.local-validation-fraction`` of the same draw (only when that is > 0), and the rest
+    to train on (at least one example each; one draw from the partition's own stream of
+    :mod:`hetfed.seeds`, so the parts are disjoint and the test split does not depend on
+    whether a validation split is held out)."""
+    n, validation = len(partition), cfg.local_validation_fraction
     n_test = min(max(1, round(cfg.local_test_fraction * n)), n - 1)
-    if cfg.local_test_fraction <= 0 or n < 2:
+    n_validation = min(max(1, round(validation * n)), n - 1 - n_test) if validation > 0 else 0
+    if cfg.local_test_fraction <= 0 or n < 2 or (validation > 0 and n_validation < 1):
         raise ValueError(
-            f"no local test split of partition {partition_id} ({n} examples, "
-            f"data.local-test-fraction {cfg.local_test_fraction})"
+            f"cannot hold out local splits of partition {partition_id} ({n} examples, "
+            f"data.local-test-fraction {cfg.local_test_fraction}, "
+            f"data.local-validation-fraction {cfg.local_validation_fraction}): it needs an "
+            "example for each held-out split and one to train on"
         )
-    order = seeds.rng(cfg.seed, Stream.LOCAL_TEST_SPLIT, partition_id).permutation(n)
-    return partition.select(sorted(order[n_test:])), partition.select(sorted(order[:n_test]))
+    order = seeds.rng(cfg.seed, Stream.LOCAL_SPLITS, partition_id).permutation(n)
+    held = n_test + n_validation
+    parts = {TEST: order[:n_test], VALIDATION: order[n_test:held], TRAIN: order[held:]}
+    return {name: partition.select(sorted(rows)) for name, rows in parts.items() if len(rows)}

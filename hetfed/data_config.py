@@ -19,6 +19,8 @@ SOURCE_ALLOWED = (
     "or a Hugging Face Hub dataset name"
 )
 PARTITIONERS = ("iid", "dirichlet", "pathological")
+# the parts of a client's partition (what it trains on and holds out) and of the central data
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class DataConfig:
     max_test_examples: int = 0  # 0 = all
     # each client's own test split, held out of its partition (federated evaluation): 0 = none
     local_test_fraction: float = 0.0
+    # each client's own validation split, held out beside it (federated evaluation reads it every
+    # round, the local test split then only in the last test-rounds rounds): 0 = none
+    local_validation_fraction: float = 0.0
     seed: int = 42  # a run's data.seed is the run's seed unless the run config pins it
     # not a run-config key (the leading underscore): set by on_device for a device's own folder
     # in a bbc-news-headlines run, whose source is then a path rather than that name
@@ -89,6 +94,13 @@ class DataConfig:
         local = self.local_test_fraction
         if not is_number(local) or not 0 <= local < 1:
             raise bad("local_test_fraction", "a number in [0, 1) (0 = no local test split)")
+        held_out = self.local_validation_fraction
+        if not is_number(held_out) or not 0 <= held_out < 1 - local:
+            raise bad(
+                "local_validation_fraction",
+                f"a number in [0, {1 - local:g}): with data.local-test-fraction {local:g}, "
+                "a client keeps some examples to train on (0 = no local validation split)",
+            )
         if not is_int(self.seed) or self.seed < 0:
             raise bad("seed", "an integer >= 0")
 

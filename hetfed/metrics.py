@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from hetfed.data_config import VALIDATION
 
 
 @dataclass(frozen=True)
@@ -139,18 +142,35 @@ def final_and_best(final: object, rounds: list) -> dict[str, float | int | None]
 
 
 # a federated evaluation's figures: the mean, the worst 10% and the spread of client accuracies
+# on the round's client split, and (CLIENT_TEST_FIGURES) on the local test splits where that
+# split is validation
 CLIENT_FIGURES = ("client_accuracy_mean", "client_accuracy_worst10", "client_accuracy_spread")
+CLIENT_TEST_FIGURES = tuple(key.replace("client_", "client_test_") for key in CLIENT_FIGURES)
 
 
-def client_distribution(accuracies: list[float]) -> dict[str, float | None]:
+def final_client_figures(final: Any) -> dict[str, float | None]:
+    """``final_client_accuracy_mean``/``_worst10``/``_spread`` of summary.json: the final
+    round's federated evaluation (a :class:`hetfed.results.RoundRecord`) on the clients' test
+    splits, read from its test figures where its client split is validation."""
+    on_test = final.client_split == VALIDATION
+    names = CLIENT_TEST_FIGURES if on_test else CLIENT_FIGURES
+    return {
+        f"final_{key}": getattr(final, name)
+        for key, name in zip(CLIENT_FIGURES, names, strict=True)
+    }
+
+
+def client_distribution(
+    accuracies: list[float], names: tuple[str, ...] = CLIENT_FIGURES
+) -> dict[str, float | None]:
     """The spread of the clients' accuracies in a federated evaluation (one per client, on its
-    own test split): their mean (each client counts once), the mean of the worst 10% (the
-    ceil(K / 10) lowest) and the spread, the standard deviation over clients (ddof 0). None
-    without clients."""
+    own held-out split): their mean (each client counts once), the mean of the worst 10% (the
+    ceil(K / 10) lowest) and the spread, the standard deviation over clients (ddof 0), under
+    ``names``. None without clients."""
     if not accuracies:
-        return dict.fromkeys(CLIENT_FIGURES)
+        return dict.fromkeys(names)
     ordered = sorted(accuracies)
     worst = ordered[: math.ceil(len(ordered) / 10)]
     mean = sum(ordered) / len(ordered)
     spread = math.sqrt(sum((a - mean) ** 2 for a in ordered) / len(ordered))
-    return dict(zip(CLIENT_FIGURES, (mean, sum(worst) / len(worst), spread), strict=True))
+    return dict(zip(names, (mean, sum(worst) / len(worst), spread), strict=True))

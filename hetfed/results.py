@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hetfed.metrics import client_distribution, figures_of
+from hetfed.metrics import CLIENT_TEST_FIGURES, client_distribution, figures_of
 
 TEST_EXAMPLES = "test_examples.jsonl"
 PROCESS = "process.json"
@@ -40,8 +40,10 @@ class RoundStats:
     pruned: int = 0  # valid replies at a smaller rank than sent (HetLoRA's self-pruning)
     reply_ranks: list[int] = field(default_factory=list)  # the valid replies' ranks, sorted
     # federated evaluation (fraction-evaluate): each evaluated client's accuracy on its own
-    # test split, sorted
+    # held-out split of the round (RunSettings.client_split), sorted, and on its local test
+    # split where that split is validation and the round one of the last test-rounds
     client_accuracies: list[float] = field(default_factory=list)
+    client_test_accuracies: list[float] = field(default_factory=list)
 
     def record(
         self,
@@ -51,19 +53,26 @@ class RoundStats:
         seconds: float,
         simulated_before: float,
         test: Any = None,
+        client_split: str | None = None,
     ) -> RoundRecord:
         """The ``metrics.jsonl`` line of this round, with its central ``evaluation``
         (:class:`hetfed.generation.Evaluation`) on ``split``, the simulated seconds of the
-        rounds before and, in the last ``test-rounds`` rounds, the evaluation on ``test``."""
-        counters = {
-            k: v for k, v in asdict(self).items() if k not in ("ranks", "client_accuracies")
-        }
+        rounds before and, in the last ``test-rounds`` rounds, the evaluation on ``test``;
+        a federated evaluation's figures are on the clients' ``client_split``."""
+        lists = ("ranks", "client_accuracies", "client_test_accuracies")
+        counters = {k: v for k, v in asdict(self).items() if k not in lists}
         on_test = {"test_accuracy": test.accuracy, "test_loss": test.loss} if test else {}
         on_clients = {}
         if self.client_accuracies:  # a federated evaluation ran this round
             on_clients = {
+                "client_split": client_split,
                 "client_accuracies": self.client_accuracies,
                 **client_distribution(self.client_accuracies),
+            }
+        if self.client_test_accuracies:
+            on_clients |= {
+                "client_test_accuracies": self.client_test_accuracies,
+                **client_distribution(self.client_test_accuracies, CLIENT_TEST_FIGURES),
             }
         return RoundRecord(
             round=server_round,
@@ -114,12 +123,20 @@ class RoundRecord:
     # the global model on the test split, in the last test-rounds rounds only (else None)
     test_accuracy: float | None = None
     test_loss: float | None = None
-    # federated evaluation (fraction-evaluate): the clients' accuracies on their own test
-    # splits, and their mean, worst-10% mean and spread (hetfed.metrics.client_distribution)
+    # federated evaluation (fraction-evaluate): the clients' accuracies on their own held-out
+    # splits (client_split: validation when they hold one, else test), and their mean,
+    # worst-10% mean and spread (hetfed.metrics.client_distribution)
+    client_split: str | None = None
     client_accuracies: list[float] | None = None
     client_accuracy_mean: float | None = None
     client_accuracy_worst10: float | None = None
     client_accuracy_spread: float | None = None
+    # the same on their local test splits, where client_split is validation, in the last
+    # test-rounds rounds only (else None)
+    client_test_accuracies: list[float] | None = None
+    client_test_accuracy_mean: float | None = None
+    client_test_accuracy_worst10: float | None = None
+    client_test_accuracy_spread: float | None = None
 
 
 def last_rounds_mean(records: Sequence[RoundRecord], rounds: int) -> float | None:

@@ -40,7 +40,7 @@ class Stream(IntEnum):
     VALIDATION_SPLIT = 16  # data: the validation split (data.validation-examples)
     FEDRA_ALLOCATION = 17  # FedRA's allocation matrix of a round (and retry attempt)
     EVALUATION_SAMPLING = 18  # which clients a round's federated evaluation asks
-    LOCAL_TEST_SPLIT = 19  # data: a client's local test split (data.local-test-fraction)
+    LOCAL_SPLITS = 19  # data: a client's local test and validation splits (one draw)
 
 
 def sequence(seed: int, stream: Stream, *where: int) -> np.random.SeedSequence:

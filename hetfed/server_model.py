@@ -14,11 +14,10 @@ import numpy as np
 
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.config import RunSettings
+from hetfed.data_config import TEST, VALIDATION
 from hetfed.generation import Evaluation, evaluate_generation
 from hetfed.models import GENERATION
 from hetfed.training import Encoded, score
-
-TEST, VALIDATION = "test", "validation"
 
 
 @dataclass

@@ -58,6 +58,8 @@ FAULT_SECONDS = "fault-seconds"  # how long a "timeout" fault waits before reply
 NUM_EXAMPLES = "num-examples"
 ACCURACY = "accuracy"  # of an evaluate reply
 LOSS = "loss"
+TEST_ACCURACY = "test-accuracy"  # of an evaluate reply that scored the local test split too
+TEST_LOSS = "test-loss"
 TRAIN_LOSS = "train-loss"
 SECONDS = "seconds"
 BYTES_DOWN = "bytes-down"
@@ -163,23 +165,37 @@ class TrainInstruction:
 
 @dataclass(frozen=True)
 class EvaluateReply:
-    """The metrics of a federated evaluation reply: the global model on the client's local
-    test split."""
+    """The metrics of a federated evaluation reply: the global model on the client's held-out
+    split of the round (:meth:`hetfed.config.RunSettings.client_splits`) and, where it scored
+    its local test split too, the figures there."""
 
     num_examples: int
     accuracy: float
     loss: float
+    test_accuracy: float | None = None
+    test_loss: float | None = None
 
     def to_record(self) -> MetricRecord:
-        return MetricRecord(
-            {NUM_EXAMPLES: self.num_examples, ACCURACY: self.accuracy, LOSS: self.loss}
-        )
+        record = {NUM_EXAMPLES: self.num_examples, ACCURACY: self.accuracy, LOSS: self.loss}
+        if self.test_accuracy is not None:
+            record |= {TEST_ACCURACY: self.test_accuracy, TEST_LOSS: self.test_loss}
+        return MetricRecord(record)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> EvaluateReply:
-        """The reply's figures: a count >= 1, an accuracy in [0, 1] and a finite loss."""
-        reply = cls(int(record[NUM_EXAMPLES]), float(record[ACCURACY]), float(record[LOSS]))
-        if reply.num_examples < 1 or not 0 <= reply.accuracy <= 1 or not math.isfinite(reply.loss):
+        """The reply's figures: a count >= 1, accuracies in [0, 1] and finite losses."""
+        on_test = (
+            (float(record[TEST_ACCURACY]), float(record[TEST_LOSS]))
+            if TEST_ACCURACY in record
+            else (None, None)
+        )
+        reply = cls(
+            int(record[NUM_EXAMPLES]), float(record[ACCURACY]), float(record[LOSS]), *on_test
+        )
+        scores = [(reply.accuracy, reply.loss)] + ([on_test] if on_test[0] is not None else [])
+        if reply.num_examples < 1 or not all(
+            0 <= accuracy <= 1 and math.isfinite(loss) for accuracy, loss in scores
+        ):
             raise ValueError(f"evaluate reply out of range: {reply}")
         return reply
 

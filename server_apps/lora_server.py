@@ -26,10 +26,11 @@ from hetfed.adapter_state import State
 from hetfed.adapters import AdapterHost, LoraSpec
 from hetfed.checkpoint import Checkpoint, save_checkpoint
 from hetfed.data import load_splits
+from hetfed.data_config import TEST
 from hetfed.generation import Evaluation
 from hetfed.models import GENERATION, build_model, on_compute_device
 from hetfed.results import ResultsWriter, RoundRecord, RoundStats, last_rounds_mean
-from hetfed.server_model import TEST, ServerModel
+from hetfed.server_model import ServerModel
 from hetfed.training import Encoded, encode_split
 from server_apps.run_plan import RunPlan, plan_run
 from strategies.base import LoRAStrategy
@@ -107,7 +108,7 @@ class ServerRun:
         split = self.server.evaluated_split
         evaluation = self.server.evaluate(*view, split=split)
         test = None
-        if server_round > settings.num_server_rounds - settings.test_rounds:  # report only
+        if settings.scores_test(server_round):  # report only
             test = evaluation if split == TEST else self.server.evaluate(*view, split=TEST)
         if server_round == settings.num_server_rounds:  # the final model
             self.final_test = test
@@ -115,7 +116,13 @@ class ServerRun:
         stats = strategy.stats.get(server_round, RoundStats())
         before = self.writer.records[-1].simulated_total if self.writer.records else 0.0
         record = stats.record(
-            server_round, evaluation, split, now - self.last_round_end, before, test
+            server_round,
+            evaluation,
+            split,
+            now - self.last_round_end,
+            before,
+            test,
+            settings.client_split,
         )
         self.last_round_end = now
         self.writer.add_round(record)
@@ -254,8 +261,10 @@ def summarize(job: ServerRun, adapter_dir: Path, test: Evaluation) -> None:
             "test_rounds": settings.test_rounds,
             "evaluated_on": job.server.evaluated_split,
             "initial_accuracy": records[0].accuracy,
-            # federated evaluation of the final model (fraction-evaluate; else None)
-            **{f"final_{key}": getattr(final, key) for key in metrics.CLIENT_FIGURES},
+            # federated evaluation of the final model on the clients' test splits
+            # (fraction-evaluate; else None), and the split every round was evaluated on there
+            **metrics.final_client_figures(final),
+            "client_evaluated_on": final.client_split,
             "rounds": settings.num_server_rounds,
             "bytes_down": sum(r.bytes_down for r in records),
             "bytes_up": sum(r.bytes_up for r in records),

@@ -442,9 +442,11 @@ class LoRAStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """The clients' accuracies on their own test splits (a malformed or unexpected reply is
-        logged and left out), and their distribution (:func:`hetfed.metrics.
-        client_distribution`) in the round's statistics."""
+        """The clients' accuracies on their own held-out splits of the round (a malformed or
+        unexpected reply, or one without the round's splits, is logged and left out), and
+        their distribution (:func:`hetfed.metrics.client_distribution`) in the round's
+        statistics."""
+        with_test = len(self.settings.client_splits(server_round)) > 1
         accuracies = []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -454,7 +456,10 @@ class LoRAStrategy(Strategy):
                 problem = reply.error.reason
             if problem is None:
                 try:
-                    accuracies.append(wire.EvaluateReply.from_record(reply.content[wire.METRICS]))
+                    figures = wire.EvaluateReply.from_record(reply.content[wire.METRICS])
+                    if (figures.test_accuracy is not None) != with_test:
+                        raise ValueError(f"test figures {'missing' if with_test else 'unasked'}")
+                    accuracies.append(figures)
                 except (KeyError, TypeError, ValueError) as err:
                     problem = f"malformed evaluate reply ({err})"
             if problem is not None:
@@ -462,12 +467,14 @@ class LoRAStrategy(Strategy):
                     problem)  # fmt: skip
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.client_accuracies = sorted(r.accuracy for r in accuracies)
+        if with_test:
+            stats.client_test_accuracies = sorted(r.test_accuracy for r in accuracies)
         if not accuracies:
             return None
         figures = client_distribution(stats.client_accuracies)
-        log(INFO, "round %d: %d clients evaluated, mean accuracy %.4f, worst 10%% %.4f",
-            server_round, len(accuracies), figures["client_accuracy_mean"],
-            figures["client_accuracy_worst10"])  # fmt: skip
+        log(INFO, "round %d: %d clients evaluated on their %s splits, mean accuracy %.4f, "
+            "worst 10%% %.4f", server_round, len(accuracies), self.settings.client_split,
+            figures["client_accuracy_mean"], figures["client_accuracy_worst10"])  # fmt: skip
         return MetricRecord(figures)
 
 

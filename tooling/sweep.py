@@ -8,6 +8,7 @@ A sweep file (YAML)::
                                             # target-rouge-l, target-perplexity (lower is better)
     baseline: fedit                         # optional; paired differences to this run
     select-lr: {rounds: 5, seed: 0}         # optional: a row whose train.lr is a list
+                                            # (validation: clients: on the clients' own)
     common: {data.validation-examples: 500} # optional: keys every run sets (a row overrides)
     runs:                                   # name -> run-config keys set for that run
       hetlora: {strategy: hetlora}
@@ -31,8 +32,11 @@ Step sizes: a row whose ``train.lr`` is a list is first run once per value, ``se
 rounds at seed ``select-lr.seed`` (``<out>/<run>-lr<value>/``), and the value whose final
 validation score is best (the sweep's target metric, accuracy by default) is the row's step
 size for its seeds. The scenario (or the row) must have a validation split
-(``data.validation-examples``): a step size is never chosen on the test split. The choice, the
-scores and the runs it took are in ``<out>/<run>-lr-selection.json`` and in the tables.
+(``data.validation-examples``): a step size is never chosen on the test split. With
+``select-lr.validation: clients`` the score is instead the clients' mean accuracy on their
+own validation splits (``data.local-validation-fraction``, federated evaluation): the choice
+for a personalised method, whose model lives on the clients. The choice, the scores and the runs it
+took are in ``<out>/<run>-lr-selection.json`` and in the tables.
 """
 
 from __future__ import annotations
@@ -48,13 +52,17 @@ import numpy as np
 import yaml
 
 from hetfed.errors import ConfigError
-from hetfed.metrics import BY_TARGET_KEY, CLIENT_FIGURES, Metric, quality
+from hetfed.metrics import ACCURACY, BY_TARGET_KEY, CLIENT_FIGURES, Metric, quality
 from hetfed.results import TEST_EXAMPLES, read_metrics
-from tooling.scenarios import run, write_variant
+from server_apps.run_plan import plan_run
+from tooling.scenarios import run, variant_config, write_variant
 from tooling.stats import Interval, mean_interval, paired_bootstrap, paired_difference
 
 SWEEP_KEYS = ("scenario", "seeds", *BY_TARGET_KEY, "baseline", "select-lr", "common", "runs")
 LR = "train.lr"
+# select-lr.validation: a step size chosen on the central validation split (the sweep's target
+# metric) or on the clients' own validation splits (their mean accuracy, federated evaluation)
+CENTRAL, CLIENTS = "central", "clients"
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class Sweep:
     baseline: str | None = None  # a run name: every run's paired difference to it
     select_rounds: int = 0  # select-lr.rounds: the short budget of a step-size candidate
     select_seed: int = 0  # select-lr.seed: a seed apart from the compared ones
+    select_validation: str = "central"  # select-lr.validation: the split a step size is chosen on
 
     def lr_grid(self, run: str) -> list[float] | None:
         """The step sizes ``run`` chooses from (None: its train.lr is one value)."""
@@ -120,29 +129,48 @@ def load_sweep(path: str | Path) -> Sweep:
     runs = {str(k): {**common, **v} for k, v in runs.items()}  # a row's own keys win
     select = doc.get("select-lr", {})
     grids = [name for name, keys in runs.items() if isinstance(keys.get(LR), list)]
-    rounds, select_seed = _select_lr(select, grids, source)
+    rounds, select_seed, select_validation = _select_lr(select, grids, source)
     for name in grids:
         grid = runs[name][LR]
         if not grid or not all(isinstance(v, int | float) and 0 < v < 1 for v in grid):
             raise ConfigError(f"runs.{name}.{LR}", grid, "a list of numbers in (0, 1)", source)
-    return Sweep(scenario, runs, tuple(seeds), target, target_key, baseline, rounds, select_seed)
+    return Sweep(
+        scenario,
+        runs,
+        tuple(seeds),
+        target,
+        target_key,
+        baseline,
+        rounds,
+        select_seed,
+        select_validation,
+    )
 
 
-def _select_lr(select: Any, grids: list[str], source: str) -> tuple[int, int]:
-    """select-lr's rounds and seed; it is required by (and only by) a row with a grid."""
+def _select_lr(select: Any, grids: list[str], source: str) -> tuple[int, int, str]:
+    """select-lr's rounds, seed and validation split; it is required by (and only by) a row
+    with a grid."""
     if grids and not select:
         raise ConfigError(
             "select-lr", None, f"{{rounds: R, seed: S}}: runs {grids} give train.lr a list", source
         )
     if not select:
-        return 0, 0
+        return 0, 0, CENTRAL
     if not grids:
         raise ConfigError("select-lr", select, "absent: no run gives train.lr a list", source)
-    rounds, seed = (select.get(k) if isinstance(select, dict) else None for k in ("rounds", "seed"))
-    seed = 0 if seed is None else seed
+    allowed = "{rounds: an integer >= 1, seed: >= 0, validation: central | clients}"
+    if not isinstance(select, dict) or set(select) - {"rounds", "seed", "validation"}:
+        raise ConfigError("select-lr", select, allowed, source)
+    rounds, seed, on = (
+        select.get("rounds"),
+        select.get("seed", 0),
+        select.get("validation", CENTRAL),
+    )
     if not isinstance(rounds, int) or rounds < 1 or not isinstance(seed, int) or seed < 0:
-        raise ConfigError("select-lr", select, "{rounds: an integer >= 1, seed: >= 0}", source)
-    return rounds, seed
+        raise ConfigError("select-lr", select, allowed, source)
+    if on not in (CENTRAL, CLIENTS):
+        raise ConfigError("select-lr.validation", on, "central | clients", source)
+    return rounds, seed, on
 
 
 def run_sweep(sweep: Sweep, out: str | Path, only: list[str] | None = None) -> list[dict[str, Any]]:
@@ -153,10 +181,11 @@ def run_sweep(sweep: Sweep, out: str | Path, only: list[str] | None = None) -> l
     for name in only or []:
         if name not in sweep.runs:
             raise ConfigError("--runs", name, f"rows of the sweep: {', '.join(sweep.runs)}")
+    names = [name for name in sweep.runs if only is None or name in only]
+    check_rows(sweep, names)
     out.mkdir(parents=True, exist_ok=True)
     # seed by seed, so a sweep stopped part-way has every row at the seeds it finished; a row's
     # step size is chosen before its first seed runs
-    names = [name for name in sweep.runs if only is None or name in only]
     jobs = [(name, seed) for seed in sweep.seeds for name in names]
     chosen: dict[str, float] = {}
     for index, (name, seed) in enumerate(jobs, 1):
@@ -167,6 +196,20 @@ def run_sweep(sweep: Sweep, out: str | Path, only: list[str] | None = None) -> l
     rows = comparison_rows(sweep, out)
     write_comparison(rows, out, sweep)
     return rows
+
+
+def check_rows(sweep: Sweep, names: list[str]) -> None:
+    """Validate every row's run config (:func:`server_apps.run_plan.plan_run`, each value of
+    its step-size grid) before the sweep's first run, so that a wrong key in the last row
+    stops the sweep before any training; the error names the row."""
+    for name in names:
+        for lr in sweep.lr_grid(name) or [None]:
+            keys = {**sweep.runs[name], **({LR: lr} if lr is not None else {})}
+            config = variant_config(sweep.scenario, {**keys, "seed": sweep.seeds[0]})
+            try:
+                plan_run(config, project_dir=sweep.scenario)
+            except ConfigError as err:
+                raise ConfigError(err.key, err.value, err.allowed, f"sweep row {name!r}") from err
 
 
 def _run_once(folder: Path, sweep: Sweep, keys: dict[str, Any], index: str) -> None:
@@ -208,25 +251,31 @@ def _choose_lr(sweep: Sweep, name: str, out: Path) -> float:
 
 
 def select_lr(folders: dict[float, Path], sweep: Sweep) -> dict[str, Any]:
-    """The step size whose run ends best on the validation split, by the sweep's target metric
-    (its direction), read from ``metrics.jsonl`` only: rounds evaluated on test are refused."""
-    metric = sweep.target_metric
+    """The step size whose run ends best on the validation split, read from ``metrics.jsonl``
+    only (rounds evaluated on test are refused): by the sweep's target metric (its direction)
+    on the central split, or (``select-lr.validation: clients``) by the clients' mean accuracy
+    on their own validation splits."""
+    metric, key, split_key = sweep.target_metric, sweep.target_metric.key, "split"
+    needs = ("data.validation-examples", "an integer > 0")
+    if sweep.select_validation == CLIENTS:  # the clients' mean accuracy: higher is better
+        metric, key, split_key = ACCURACY, CLIENT_FIGURES[0], "client_split"
+        needs = ("data.local-validation-fraction", "a number in (0, 1) with fraction-evaluate > 0")
     scores = {}
     for lr, folder in folders.items():
         records = read_metrics(folder) if (folder / "metrics.jsonl").is_file() else []
         if not records:
             raise ConfigError("select-lr", str(folder), "a finished candidate run")
-        if records[-1].get("split") != "validation":
+        if records[-1].get(split_key) != "validation":
             raise ConfigError(
-                "data.validation-examples",
+                needs[0],
                 0,
-                "an integer > 0 in the scenario or the run: a step size is chosen on a "
-                "validation split, never on the test split",
+                f"{needs[1]} in the scenario or the run: a step size is chosen on a validation "
+                "split, never on the test split",
                 str(folder),
             )
-        scores[lr] = records[-1][metric.key]
+        scores[lr] = records[-1][key]
     best = metric.best_of(scores)
-    return {"selected": best, "metric": metric.key, "scores": scores, "runs": len(scores)}
+    return {"selected": best, "metric": key, "scores": scores, "runs": len(scores)}
 
 
 def when_reached(records: list[dict[str, Any]], sweep: Sweep, key: str = "round") -> float | None:
