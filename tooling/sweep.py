@@ -35,8 +35,8 @@ size for its seeds. The scenario (or the row) must have a validation split
 (``data.validation-examples``): a step size is never chosen on the test split. With
 ``select-lr.validation: clients`` the score is instead the clients' mean accuracy on their
 own validation splits (``data.local-validation-fraction``, federated evaluation): the choice
-for a personalised method, whose model lives on the clients. The choice, the scores and the runs it
-took are in ``<out>/<run>-lr-selection.json`` and in the tables.
+for a personalised method, whose model lives on the clients. The choice, the scores and the
+runs it took are in ``<out>/<run>-lr-selection.json`` and in the tables.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Sweep:
     baseline: str | None = None  # a run name: every run's paired difference to it
     select_rounds: int = 0  # select-lr.rounds: the short budget of a step-size candidate
     select_seed: int = 0  # select-lr.seed: a seed apart from the compared ones
-    select_validation: str = "central"  # select-lr.validation: the split a step size is chosen on
+    select_validation: str = CENTRAL  # select-lr.validation: the split a step size is chosen on
 
     def lr_grid(self, run: str) -> list[float] | None:
         """The step sizes ``run`` chooses from (None: its train.lr is one value)."""
@@ -161,16 +161,16 @@ def _select_lr(select: Any, grids: list[str], source: str) -> tuple[int, int, st
     allowed = "{rounds: an integer >= 1, seed: >= 0, validation: central | clients}"
     if not isinstance(select, dict) or set(select) - {"rounds", "seed", "validation"}:
         raise ConfigError("select-lr", select, allowed, source)
-    rounds, seed, on = (
+    rounds, seed, validation = (
         select.get("rounds"),
         select.get("seed", 0),
         select.get("validation", CENTRAL),
     )
     if not isinstance(rounds, int) or rounds < 1 or not isinstance(seed, int) or seed < 0:
         raise ConfigError("select-lr", select, allowed, source)
-    if on not in (CENTRAL, CLIENTS):
-        raise ConfigError("select-lr.validation", on, "central | clients", source)
-    return rounds, seed, on
+    if validation not in (CENTRAL, CLIENTS):
+        raise ConfigError("select-lr.validation", validation, "central | clients", source)
+    return rounds, seed, validation
 
 
 def run_sweep(sweep: Sweep, out: str | Path, only: list[str] | None = None) -> list[dict[str, Any]]:
@@ -209,7 +209,8 @@ def check_rows(sweep: Sweep, names: list[str]) -> None:
             try:
                 plan_run(config, project_dir=sweep.scenario)
             except ConfigError as err:
-                raise ConfigError(err.key, err.value, err.allowed, f"sweep row {name!r}") from err
+                where = f"sweep row {name!r} ({err.source})"
+                raise ConfigError(err.key, err.value, err.allowed, where) from err
 
 
 def _run_once(folder: Path, sweep: Sweep, keys: dict[str, Any], index: str) -> None:
