@@ -14,6 +14,7 @@ import pytest
 
 import tooling.sweep as sweep_module
 from hetfed.errors import ConfigError
+from hetfed.models import TINY_RANDOM_BERT, ModelConfig, build_classifier
 from hetfed.results import TEST_EXAMPLES
 from tests.conftest import REPO, write_scenario
 from tooling.scenarios import scenario_run_config
@@ -104,13 +105,18 @@ def test_the_target_metric_is_reached_in_its_direction(tmp_path, tiny_config, ta
 def test_sweep_runs_compares_and_skips_finished_runs(
     tmp_path, tiny_config, flower_home, monkeypatch, capsys
 ):
+    """A run that fails after its check (here: a model folder without weights, which the check
+    does not load) is a row of the table, not the end of the sweep."""
     monkeypatch.setenv("FLWR_HOME", str(flower_home))
     monkeypatch.chdir(tmp_path)
     write_scenario(tmp_path / "base", {**tiny_config, "num-server-rounds": 1})
+    model, tokenizer = build_classifier(ModelConfig(name=TINY_RANDOM_BERT), num_labels=2)
+    model.backbone.config.save_pretrained(tmp_path / "no-weights")
+    tokenizer.save_pretrained(tmp_path / "no-weights")
     (tmp_path / "s.yaml").write_text(
         "scenario: base\ntarget-accuracy: 0.3\n"
         "runs: {fedit: {strategy: fedit}, hetlora: {strategy: hetlora},"
-        " broken: {strategy: hetlora, hetlora.prune-gamma: 2.0}}\n"
+        f" broken: {{strategy: hetlora, model.name: '{tmp_path / 'no-weights'}'}}}}\n"
     )
     sweep = load_sweep(tmp_path / "s.yaml")
     rows = run_sweep(sweep, tmp_path / "out")
