@@ -9,9 +9,9 @@
 - ``hetfed table RESULTS_DIR ...``: a Markdown table comparing finished runs.
 - ``hetfed costs scenarios/NAME [--ranks 1,2,4]``: what each rank and layer budget costs a
   client of the scenario's model: FLOPs, peak memory, bytes (:mod:`tooling.costs`).
-- ``hetfed sweep SWEEP.yaml [--out DIR] [--runs a,b]``: run a scenario over strategies, options
-  and seeds (:mod:`tooling.sweep`), skipping finished runs (and rows ``--runs`` leaves out), and
-  write the comparison tables and plots.
+- ``hetfed sweep SWEEP.yaml [--out DIR] [--runs a,b] [--seeds 1,2,3]``: run a scenario over
+  strategies, options and seeds (:mod:`tooling.sweep`), skipping finished runs (and the rows and
+  seeds ``--runs``/``--seeds`` leave out), and write the comparison tables and plots.
 - ``hetfed bench [--quick] [--items 1,2,3,4,5,6,7] [--out FILE]``: measure the cost model
   (client updates/s, framework overhead, server aggregation, server memory per client, bf16
   against fp32 training steps, per-message device cost, packed training;
@@ -41,6 +41,16 @@ def _names(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"{text!r}: comma-separated row names")
     return names
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = sorted({int(i) for i in text.split(",") if i.strip()})
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integer seeds")
+    return seeds
 
 
 def _bench_items(text: str) -> tuple[int, ...]:
@@ -74,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="results folder (default: results/<sweep file name>)")
     sweep.add_argument(
         "--runs", type=_names, help="run only these rows now, e.g. fedit,florist (default: all)"
+    )
+    sweep.add_argument(
+        "--seeds", type=_seeds, help="run only these seeds now, e.g. 1,2,3 (default: all)"
     )
     costs = sub.add_parser("costs", help="FLOPs, memory and bytes of each rank and layer budget")
     costs.add_argument("scenario", help="a scenario folder, e.g. scenarios/quickstart")
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             from tooling.sweep import load_sweep, run_sweep
 
             out = Path(args.out or Path("results") / Path(args.file).stem)
-            rows = run_sweep(load_sweep(args.file), out, args.runs)
+            rows = run_sweep(load_sweep(args.file), out, args.runs, args.seeds)
             print((out / "comparison.md").read_text())
             return 0 if all(r["status"] == "completed" for r in rows) else 1
         if args.command == "bench":

@@ -25,8 +25,9 @@ the interval shaded). A generation sweep's table and plot show ROUGE-L and perpl
 exact match (``rouge_l.png``); a run not started yet is ``not run``, one that stopped without a
 summary ``failed``.
 
-``hetfed sweep FILE --runs a,b`` runs rows ``a`` and ``b`` only (seed by seed, as always) and
-still writes the tables of every row: the rows a study needs first reach their seeds first.
+``hetfed sweep FILE --runs a,b --seeds 1,2,3`` runs rows ``a`` and ``b`` at seeds 1-3 only
+(seed by seed, as always) and still writes the tables of every row and seed: the rows and
+seeds a study needs first (every row at three seeds before any at five) are run first.
 
 Step sizes: a row whose ``train.lr`` is a list is first run once per value, ``select-lr.rounds``
 rounds at seed ``select-lr.seed`` (``<out>/<run>-lr<value>/``), and the value whose final
@@ -173,20 +174,31 @@ def _select_lr(select: Any, grids: list[str], source: str) -> tuple[int, int, st
     return rounds, seed, validation
 
 
-def run_sweep(sweep: Sweep, out: str | Path, only: list[str] | None = None) -> list[dict[str, Any]]:
+def run_sweep(
+    sweep: Sweep,
+    out: str | Path,
+    only: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> list[dict[str, Any]]:
     """Run every (run, seed) not finished yet (as ``hetfed run`` does), then write the
-    comparison files. ``only`` names the rows to run now (default: all); the tables still
-    cover every row, so rows can reach their seeds in the order a study needs them."""
+    comparison files. ``only`` names the rows to run now and ``seeds`` the seeds (default:
+    all); the tables still cover every row and seed, so a study reaches the rows and seeds it
+    needs first (every row at three seeds before any at five) in the order it needs them."""
     out = Path(out).resolve()
     for name in only or []:
         if name not in sweep.runs:
             raise ConfigError("--runs", name, f"rows of the sweep: {', '.join(sweep.runs)}")
+    for seed in seeds or []:
+        if seed not in sweep.seeds:
+            allowed = ", ".join(map(str, sweep.seeds))
+            raise ConfigError("--seeds", seed, f"seeds of the sweep: {allowed}")
     names = [name for name in sweep.runs if only is None or name in only]
     check_rows(sweep, names)
     out.mkdir(parents=True, exist_ok=True)
     # seed by seed, so a sweep stopped part-way has every row at the seeds it finished; a row's
     # step size is chosen before its first seed runs
-    jobs = [(name, seed) for seed in sweep.seeds for name in names]
+    now = [seed for seed in sweep.seeds if seeds is None or seed in seeds]
+    jobs = [(name, seed) for seed in now for name in names]
     chosen: dict[str, float] = {}
     for index, (name, seed) in enumerate(jobs, 1):
         if sweep.lr_grid(name) and name not in chosen:
