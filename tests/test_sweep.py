@@ -10,7 +10,9 @@ import os
 import tomllib
 from dataclasses import replace
 
+import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 import tooling.sweep as sweep_module
 from hetfed.errors import ConfigError
@@ -19,7 +21,13 @@ from hetfed.results import TEST_EXAMPLES
 from tests.conftest import REPO, write_scenario
 from tooling.cli import parser
 from tooling.scenarios import scenario_run_config
-from tooling.stats import mean_interval, paired_bootstrap, paired_difference
+from tooling.stats import (
+    holm,
+    mean_interval,
+    paired_bootstrap,
+    paired_difference,
+    paired_t_p_value,
+)
 from tooling.sweep import (
     Sweep,
     check_rows,
@@ -276,6 +284,28 @@ def test_mean_interval_and_paired_difference_on_hand_made_numbers():
     assert mean_interval([]).n == 0
 
 
+def test_paired_t_p_value_matches_scipys_one_sample_test_on_random_differences():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 8):
+        x, y = rng.normal(0.7, 0.05, n), rng.normal(0.68, 0.05, n)
+        diff = paired_difference(dict(enumerate(x)), dict(enumerate(y)))
+        expected = scipy_stats.ttest_rel(x, y).pvalue  # the same test, computed independently
+        assert paired_t_p_value(diff) == pytest.approx(expected, rel=1e-9)
+    same = paired_difference({1: 0.5, 2: 0.6}, {1: 0.5, 2: 0.6})
+    assert math.isnan(paired_t_p_value(same))
+    assert math.isnan(paired_t_p_value(paired_difference({1: 0.5}, {1: 0.4})))
+    assert paired_t_p_value(paired_difference({1: 0.6, 2: 0.7}, {1: 0.5, 2: 0.6})) == 0.0
+
+
+def test_holm_on_hand_made_p_values():
+    """Sorted 0.01 < 0.03 < 0.04 (m = 3): 3 x 0.01 = 0.03, 2 x 0.03 = 0.06, then 1 x 0.04 =
+    0.04 lifted to the running maximum 0.06; NaN stays out of the family."""
+    expected = [0.06, 0.03, math.nan, 0.06]
+    assert holm([0.04, 0.01, math.nan, 0.03]) == pytest.approx(expected, nan_ok=True)
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert holm([0.02]) == [0.02]  # a family of one is not adjusted
+
+
 def test_paired_bootstrap_on_hand_made_examples():
     same = [([1, 0, 1, 1], [1, 0, 1, 1])] * 3
     assert paired_bootstrap(same).mean == 0 and paired_bootstrap(same).high == 0
@@ -357,8 +387,14 @@ def test_sweep_tables_over_seeds_have_means_intervals_and_paired_differences(tmp
     # rounds to 0.5: ref reaches it in 2 of 3 seeds (rounds 2 and 1), new in all (1, 2, 1)
     assert summary["ref"]["reached_target"] == "2" and summary["new"]["reached_target"] == "3"
     assert float(summary["ref"]["rounds_to_target_mean"]) == pytest.approx(1.5)
+    # d = 0.1, 0.2, 0.0: t = 0.1 / (0.1 / sqrt 3), 2 degrees of freedom; one run: Holm = raw
+    p = 2 * scipy_stats.t.sf(3**0.5, 2)
+    assert float(summary["new"][f"{diff}_p"]) == pytest.approx(p, rel=1e-5)
+    assert float(summary["new"][f"{diff}_p_holm"]) == pytest.approx(p, rel=1e-5)
+    assert summary["ref"][f"{diff}_p"] == ""  # the baseline is not compared with itself
     table = (out / "comparison.md").read_text()
     assert "| new | hetlora | 3 | 0.600 ± " in table and "0.100 ± 0.248" in table
+    assert f"| {p:.3f} | {p:.3f} |" in table and "Holm's method" in table
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "loss.png").is_file()
 
 

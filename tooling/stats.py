@@ -7,7 +7,10 @@ their method. The interval of a mean over n values x_1..x_n is
     mean +- t_{n-1, (1 + c) / 2} * sd / sqrt(n),    sd the sample standard deviation (n - 1),
 
 and a paired difference is the same interval over d_i = x_i - y_i for the seeds both runs
-finished (y the baseline). With one value there is no interval (NaN).
+finished (y the baseline). With one value there is no interval (NaN). A table that compares
+several runs with one baseline also gives each difference's paired t-test p-value adjusted by
+Holm's method over the table's differences (:func:`holm`), so a verdict can be read at a
+family-wise 5%.
 
 The seed interval does not cover the test set's own sampling: :func:`paired_bootstrap`
 resamples the test examples (the same resample for both runs of a seed: paired) and gives a
@@ -69,6 +72,33 @@ def paired_difference(
     """Mean and interval of ``values[seed] - baseline[seed]`` over the seeds both have."""
     seeds = sorted(set(values) & set(baseline))
     return mean_interval([values[s] - baseline[s] for s in seeds], confidence)
+
+
+def paired_t_p_value(difference: Interval) -> float:
+    """Two-sided p-value of the paired t-test that the mean seed difference is 0:
+    t = mean / (sd / sqrt(n)) with n - 1 degrees of freedom (``difference`` from
+    :func:`paired_difference`). NaN below two seeds or when every difference is 0."""
+    if difference.n < 2 or (difference.sd == 0 and difference.mean == 0):
+        return math.nan
+    if difference.sd == 0:
+        return 0.0
+    t = difference.mean / (difference.sd / math.sqrt(difference.n))
+    return float(2 * stats.t.sf(abs(t), difference.n - 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of m p-values (Holm, "A simple sequentially
+    rejective multiple test procedure", Scand. J. Statist. 6, 1979): the i-th smallest
+    becomes max over j <= i of min(1, (m - j + 1) p_(j)); an adjusted value below alpha rejects
+    with the family-wise error rate at most alpha. NaN values are not in the family and stay
+    NaN."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 BOOTSTRAP_DRAWS = 2000

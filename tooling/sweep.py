@@ -57,7 +57,14 @@ from hetfed.metrics import ACCURACY, BY_TARGET_KEY, CLIENT_FIGURES, Metric, qual
 from hetfed.results import TEST_EXAMPLES, read_metrics
 from server_apps.run_plan import plan_run
 from tooling.scenarios import run, variant_config, write_variant
-from tooling.stats import Interval, mean_interval, paired_bootstrap, paired_difference
+from tooling.stats import (
+    Interval,
+    holm,
+    mean_interval,
+    paired_bootstrap,
+    paired_difference,
+    paired_t_p_value,
+)
 
 SWEEP_KEYS = ("scenario", "seeds", *BY_TARGET_KEY, "baseline", "select-lr", "common", "runs")
 LR = "train.lr"
@@ -404,6 +411,9 @@ PAIRED = (
 )  # by seed
 
 
+P_VALUES = ("_p", "_p_holm")  # suffixes of a paired difference's raw and Holm-adjusted p
+
+
 def is_generation(rows: list[dict[str, Any]]) -> bool:
     """Whether the sweep's runs are of the generation task (they report ROUGE-L)."""
     return _with(rows, "final_rouge_l")
@@ -420,8 +430,11 @@ def seed_values(rows: list[dict[str, Any]], run: str, metric: str) -> dict[int, 
 
 def summary_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any]]:
     """Per run: each figure's :class:`~tooling.stats.Interval` over the seeds, and with a
-    baseline, the paired difference to it of :data:`PAIRED` (same seeds)."""
+    baseline, the paired difference to it of :data:`PAIRED` (same seeds), and for the final
+    quality (accuracy, or ROUGE-L for generation) its paired t-test p-value, raw (``_p``) and
+    Holm-adjusted over every run compared with the baseline (``_p_holm``)."""
     summaries = []
+    compared = quality(is_generation(rows))[0]
     for name in sweep.runs:
         finished = seed_values(rows, name, "final_accuracy")
         summary: dict[str, Any] = {
@@ -441,11 +454,16 @@ def summary_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any
                 summary[f"{metric}_vs_baseline"] = paired_difference(
                     seed_values(rows, name, metric), seed_values(rows, sweep.baseline, metric)
                 )
-            compared = quality(is_generation(rows))[0]
             summary[f"final_{compared.key}_vs_baseline_bootstrap"] = paired_bootstrap(
                 test_example_pairs(rows, name, sweep.baseline, compared.per_example)
             )
         summaries.append(summary)
+    if sweep.baseline is not None:
+        difference = f"final_{compared.key}_vs_baseline"
+        family = [s for s in summaries if s["run"] != sweep.baseline]
+        p_values = [paired_t_p_value(s[difference]) for s in family]
+        for summary, p, adjusted in zip(family, p_values, holm(p_values), strict=True):
+            summary[f"{difference}_p"], summary[f"{difference}_p_holm"] = p, adjusted
     return summaries
 
 
@@ -485,11 +503,13 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
     fields = ["run", "strategy", "seeds", "failed", "reached_target"]
     fields += [f for f in ("lr", "selection_runs") if any(f in s for s in summaries)]
     fields += [f"{c}_{part}" for c in intervals for part in ("mean", "sd", "low", "high")]
+    fields += list(dict.fromkeys(k for s in summaries for k in s if k.endswith(P_VALUES)))
     with (out / "summary.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         for summary in summaries:
             flat = {k: v for k, v in summary.items() if not isinstance(v, Interval)}
+            flat |= {k: _csv_number(v) for k, v in flat.items() if k.endswith(P_VALUES)}
             for column in intervals:
                 value = summary[column]
                 for part in ("mean", "sd", "low", "high"):
@@ -507,6 +527,12 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
 
 def _csv_number(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.6g}"
+
+
+def _p_text(p: float) -> str:
+    if math.isnan(p):
+        return ""
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _with(rows: list[dict[str, Any]], column: str) -> bool:
@@ -537,6 +563,7 @@ def comparison_markdown(
         if sweep.baseline is not None:
             columns += [f"{m}_vs_baseline" for m in (*compared, "final_loss")]
             columns += [bootstrap] if with_bootstrap else []
+            columns += [f"{compared[0]}_vs_baseline{p}" for p in P_VALUES]
         columns += ["rounds_to_target", "mb_down", "mb_up", "seconds"]
         if any(r.get("simulated_seconds") for r in rows):  # the device clock ran
             columns[-1:-1] = ["simulated_to_target", "simulated_seconds", "stragglers"]
@@ -558,6 +585,14 @@ def comparison_markdown(
                 else ""
             )
             + " Intervals are per comparison, uncorrected for multiple comparisons."
+            + (
+                f" `{compared[0]}_vs_baseline_p`: the paired t-test's two-sided p-value of that"
+                " difference; `_p_holm`: the same adjusted by Holm's method over every run"
+                " compared with the baseline in this table (a verdict at a family-wise 5% reads"
+                " it against 0.05)."
+                if sweep.baseline is not None
+                else ""
+            )
             + (
                 " `final_*`: the final model on the test split; `best_*` and rounds to target:"
                 " on the validation split."
@@ -584,6 +619,9 @@ def comparison_markdown(
         for summary in summaries:
             cells = [summary["run"], summary["strategy"], str(summary["seeds"])]
             for column in columns:
+                if column.endswith(P_VALUES):
+                    cells.append(_p_text(summary.get(column, math.nan)))
+                    continue
                 digits = 3 if column in QUALITY or "_vs_" in column else 1
                 text = summary[column].format(digits)
                 if column.endswith("_to_target") and summary["seeds"]:
