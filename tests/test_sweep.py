@@ -84,6 +84,10 @@ def test_variant_sets_keys_the_scenario_does_not_name(tmp_path, tiny_config):
         ),
         ("scenario: base\ncommon: [seed]\nruns: {a: {}}", "common"),
         ("scenario: base\ncommon: {train.lr: [0.1]}\nruns: {a: {}}", "select-lr"),
+        ("scenario: base\npairs: [[a, c]]\nruns: {a: {}, b: {}}", "pairs"),
+        ("scenario: base\npairs: [[a, a]]\nruns: {a: {}, b: {}}", "pairs"),
+        ("scenario: base\npairs: [a, b]\nruns: {a: {}, b: {}}", "pairs"),
+        ("scenario: base\npairs: {a: b}\nruns: {a: {}, b: {}}", "pairs"),
     ],
 )
 def test_bad_sweep_files_name_the_key(tmp_path, tiny_config, text, key):
@@ -350,11 +354,12 @@ def _fake_run(folder, accuracies, losses, mb=1.0, rouge_l=None):
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
-def _three_seed_sweep(tmp_path, tiny_config, target, runs):
-    """A sweep over seeds 1-3 with baseline ``ref``, and its (empty) results folder."""
+def _three_seed_sweep(tmp_path, tiny_config, keys, runs):
+    """A sweep over seeds 1-3 with baseline ``ref`` and ``keys`` (more lines of the sweep file:
+    a target, pairs), and its (empty) results folder."""
     write_scenario(tmp_path / "base", tiny_config)
     (tmp_path / "s.yaml").write_text(
-        f"scenario: base\nseeds: [1, 2, 3]\n{target}\nbaseline: ref\nruns: {runs}\n"
+        f"scenario: base\nseeds: [1, 2, 3]\n{keys}\nbaseline: ref\nruns: {runs}\n"
     )
     return load_sweep(tmp_path / "s.yaml"), tmp_path / "out"
 
@@ -396,6 +401,49 @@ def test_sweep_tables_over_seeds_have_means_intervals_and_paired_differences(tmp
     assert "| new | hetlora | 3 | 0.600 ± " in table and "0.100 ± 0.248" in table
     assert f"| {p:.3f} | {p:.3f} |" in table and "Holm's method" in table
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "loss.png").is_file()
+
+
+def test_pairs_are_tabled_and_corrected_with_the_differences_to_the_baseline(tmp_path, tiny_config):
+    """``pairs: [[b, a]]`` tables b - a paired by seed, and Holm's adjustment covers it with
+    the differences to the baseline: a family of three here (a, b and the pair)."""
+    runs = "{ref: {strategy: fedit}, a: {strategy: hetlora}, b: {strategy: zeropad}}"
+    sweep, out = _three_seed_sweep(tmp_path, tiny_config, "pairs: [[b, a]]", runs)
+    final = {
+        "ref": [0.50, 0.40, 0.60],
+        "a": [0.55, 0.48, 0.62],  # ref + 0.05, 0.08, 0.02
+        "b": [0.65, 0.53, 0.74],  # a + 0.10, 0.05, 0.12
+    }
+    for name, values in final.items():
+        for seed, value in zip((1, 2, 3), values, strict=True):
+            _fake_run(out / f"{name}-seed{seed}", [0.1, value], [2.0, 1.0])
+    rows = comparison_rows(sweep, out)
+    write_comparison(rows, out, sweep)
+    with (out / "pairs.csv").open() as handle:
+        (pair,) = list(csv.DictReader(handle))
+    b_minus_a = np.subtract(final["b"], final["a"])
+    assert (pair["run"], pair["reference"], pair["seeds"]) == ("b", "a", "3")
+    key = "final_accuracy_difference"
+    assert float(pair[f"{key}_mean"]) == pytest.approx(b_minus_a.mean())
+    assert float(pair[f"{key}_sd"]) == pytest.approx(b_minus_a.std(ddof=1))
+    raw = {  # the paired t-test, computed independently
+        "a": scipy_stats.ttest_rel(final["a"], final["ref"]).pvalue,
+        "b": scipy_stats.ttest_rel(final["b"], final["ref"]).pvalue,
+        "pair": scipy_stats.ttest_rel(final["b"], final["a"]).pvalue,
+    }
+    assert float(pair[f"{key}_p"]) == pytest.approx(raw["pair"], rel=1e-5)
+    ordered = sorted(raw, key=raw.get)  # Holm over 3, written out
+    adjusted, running = {}, 0.0
+    for rank, name in enumerate(ordered):
+        running = max(running, min(1.0, (3 - rank) * raw[name]))
+        adjusted[name] = running
+    assert float(pair[f"{key}_p_holm"]) == pytest.approx(adjusted["pair"], rel=1e-5)
+    with (out / "summary.csv").open() as handle:
+        summary = {row["run"]: row for row in csv.DictReader(handle)}
+    diff = "final_accuracy_vs_baseline"
+    for name in ("a", "b"):
+        assert float(summary[name][f"{diff}_p_holm"]) == pytest.approx(adjusted[name], rel=1e-5)
+    table = (out / "comparison.md").read_text()
+    assert "| run | reference | seeds |" in table and "| b | a | 3 |" in table
 
 
 def test_sweep_tables_read_targets_on_validation_and_bootstrap_the_test_examples(

@@ -7,6 +7,7 @@ A sweep file (YAML)::
     target-accuracy: 0.5                    # optional, for "rounds to target"; or
                                             # target-rouge-l, target-perplexity (lower is better)
     baseline: fedit                         # optional; paired differences to this run
+    pairs: [[hetlora, helora-pad-zero]]     # optional; further paired differences, run - ref
     select-lr: {rounds: 5, seed: 0}         # optional: a row whose train.lr is a list
                                             # (validation: clients: on the clients' own)
     common: {data.validation-examples: 500} # optional: keys every run sets (a row overrides)
@@ -20,10 +21,11 @@ run may set options of its own strategy that the scenario does not name) and the
 go to ``<out>/<run>-seed<seed>/``; a run whose ``summary.json`` exists is not redone. At the end
 the sweep writes ``comparison.csv`` (a row per run and seed), ``summary.csv`` and
 ``comparison.md`` (per run, the mean and 95% interval over the seeds, :mod:`tooling.stats`, and
-the paired differences to the baseline) and ``accuracy.png``/``loss.png`` (the mean per round,
-the interval shaded). A generation sweep's table and plot show ROUGE-L and perplexity in place of
-exact match (``rouge_l.png``); a run not started yet is ``not run``, one that stopped without a
-summary ``failed``.
+the paired differences to the baseline and between the ``pairs``, each with its paired t-test
+p-value raw and Holm-adjusted over all of them; ``pairs.csv``) and ``accuracy.png``/``loss.png``
+(the mean per round, the interval shaded). A generation sweep's table and plot show ROUGE-L and
+perplexity in place of exact match (``rouge_l.png``); a run not started yet is ``not run``, one
+that stopped without a summary ``failed``.
 
 ``hetfed sweep FILE --runs a,b --seeds 1,2,3`` runs rows ``a`` and ``b`` at seeds 1-3 only
 (seed by seed, as always) and still writes the tables of every row and seed: the rows and
@@ -66,7 +68,16 @@ from tooling.stats import (
     paired_t_p_value,
 )
 
-SWEEP_KEYS = ("scenario", "seeds", *BY_TARGET_KEY, "baseline", "select-lr", "common", "runs")
+SWEEP_KEYS = (
+    "scenario",
+    "seeds",
+    *BY_TARGET_KEY,
+    "baseline",
+    "pairs",
+    "select-lr",
+    "common",
+    "runs",
+)
 LR = "train.lr"
 # select-lr.validation: a step size chosen on the central validation split (the sweep's target
 # metric) or on the clients' own validation splits (their mean accuracy, federated evaluation)
@@ -86,6 +97,9 @@ class Sweep:
         return BY_TARGET_KEY[self.target_key]
 
     baseline: str | None = None  # a run name: every run's paired difference to it
+    # (run, reference): further paired differences the study asks for (an ablation, a method
+    # against the one it claims to improve), tabled and corrected with the baseline's
+    pairs: tuple[tuple[str, str], ...] = ()
     select_rounds: int = 0  # select-lr.rounds: the short budget of a step-size candidate
     select_seed: int = 0  # select-lr.seed: a seed apart from the compared ones
     select_validation: str = CENTRAL  # select-lr.validation: the split a step size is chosen on
@@ -134,6 +148,7 @@ def load_sweep(path: str | Path) -> Sweep:
     baseline = doc.get("baseline")
     if baseline is not None and baseline not in runs:
         raise ConfigError("baseline", baseline, f"one of the runs: {', '.join(runs)}", source)
+    pairs = _pairs(doc.get("pairs", []), runs, source)
     runs = {str(k): {**common, **v} for k, v in runs.items()}  # a row's own keys win
     select = doc.get("select-lr", {})
     grids = [name for name, keys in runs.items() if isinstance(keys.get(LR), list)]
@@ -149,10 +164,24 @@ def load_sweep(path: str | Path) -> Sweep:
         target,
         target_key,
         baseline,
+        pairs,
         rounds,
         select_seed,
         select_validation,
     )
+
+
+def _pairs(pairs: Any, runs: dict[str, Any], source: str) -> tuple[tuple[str, str], ...]:
+    """``pairs``: a list of [run, reference], two different runs of the sweep each."""
+    allowed = f"a list of [run, reference] pairs of different runs among {', '.join(runs)}"
+    if not isinstance(pairs, list):
+        raise ConfigError("pairs", pairs, allowed, source)
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1]):
+            raise ConfigError("pairs", pair, allowed, source)
+        if not set(pair) <= set(runs):
+            raise ConfigError("pairs", pair, allowed, source)
+    return tuple((str(run), str(reference)) for run, reference in pairs)
 
 
 def _select_lr(select: Any, grids: list[str], source: str) -> tuple[int, int, str]:
@@ -430,11 +459,9 @@ def seed_values(rows: list[dict[str, Any]], run: str, metric: str) -> dict[int, 
 
 def summary_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any]]:
     """Per run: each figure's :class:`~tooling.stats.Interval` over the seeds, and with a
-    baseline, the paired difference to it of :data:`PAIRED` (same seeds), and for the final
-    quality (accuracy, or ROUGE-L for generation) its paired t-test p-value, raw (``_p``) and
-    Holm-adjusted over every run compared with the baseline (``_p_holm``)."""
+    baseline, the paired difference to it of :data:`PAIRED` (same seeds) and the paired
+    bootstrap of the final quality (:func:`paired_figures`, keys ``<figure>_vs_baseline``)."""
     summaries = []
-    compared = quality(is_generation(rows))[0]
     for name in sweep.runs:
         finished = seed_values(rows, name, "final_accuracy")
         summary: dict[str, Any] = {
@@ -450,21 +477,59 @@ def summary_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any
             summary[metric] = mean_interval(list(seed_values(rows, name, metric).values()))
         summary["reached_target"] = len(seed_values(rows, name, "rounds_to_target"))
         if sweep.baseline is not None:
-            for metric in PAIRED:
-                summary[f"{metric}_vs_baseline"] = paired_difference(
-                    seed_values(rows, name, metric), seed_values(rows, sweep.baseline, metric)
-                )
-            summary[f"final_{compared.key}_vs_baseline_bootstrap"] = paired_bootstrap(
-                test_example_pairs(rows, name, sweep.baseline, compared.per_example)
-            )
+            summary |= paired_figures(rows, name, sweep.baseline, "_vs_baseline")
         summaries.append(summary)
-    if sweep.baseline is not None:
-        difference = f"final_{compared.key}_vs_baseline"
-        family = [s for s in summaries if s["run"] != sweep.baseline]
-        p_values = [paired_t_p_value(s[difference]) for s in family]
-        for summary, p, adjusted in zip(family, p_values, holm(p_values), strict=True):
-            summary[f"{difference}_p"], summary[f"{difference}_p_holm"] = p, adjusted
     return summaries
+
+
+def pair_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any]]:
+    """Per pair of the sweep's ``pairs``: run - reference of the same figures as a run's
+    difference to the baseline (keys ``<figure>_difference``), over the seeds both finished."""
+    return [
+        {
+            "run": run,
+            "reference": reference,
+            "seeds": len(
+                set(seed_values(rows, run, "final_accuracy"))
+                & set(seed_values(rows, reference, "final_accuracy"))
+            ),
+            **paired_figures(rows, run, reference, "_difference"),
+        }
+        for run, reference in sweep.pairs
+    ]
+
+
+def paired_figures(
+    rows: list[dict[str, Any]], run: str, reference: str, suffix: str
+) -> dict[str, Interval]:
+    """``run - reference`` paired by seed for each figure of :data:`PAIRED` (key: the figure
+    and ``suffix``), and for the final quality (accuracy, or ROUGE-L for generation) also the
+    paired bootstrap over the test examples (key ending ``_bootstrap``)."""
+    compared = quality(is_generation(rows))[0]
+    figures = {
+        f"{metric}{suffix}": paired_difference(
+            seed_values(rows, run, metric), seed_values(rows, reference, metric)
+        )
+        for metric in PAIRED
+    }
+    figures[f"final_{compared.key}{suffix}_bootstrap"] = paired_bootstrap(
+        test_example_pairs(rows, run, reference, compared.per_example)
+    )
+    return figures
+
+
+def add_p_values(
+    summaries: list[dict[str, Any]], pairs: list[dict[str, Any]], rows: list[dict[str, Any]]
+) -> None:
+    """Give every difference of the final quality in the tables (each run's to the baseline,
+    each pair's) its paired t-test p-value, raw (``_p``) and Holm-adjusted over that whole
+    family (``_p_holm``): the tables' verdicts read at a family-wise 5%."""
+    final = f"final_{quality(is_generation(rows))[0].key}"
+    family = [(s, f"{final}_vs_baseline") for s in summaries if f"{final}_vs_baseline" in s]
+    family += [(pair, f"{final}_difference") for pair in pairs]
+    p_values = [paired_t_p_value(entry[key]) for entry, key in family]
+    for (entry, key), p, adjusted in zip(family, p_values, holm(p_values), strict=True):
+        entry[f"{key}_p"], entry[f"{key}_p_holm"] = p, adjusted
 
 
 def test_example_pairs(
@@ -498,24 +563,15 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    summaries = summary_rows(rows, sweep)
-    intervals = _interval_columns(summaries)
+    summaries, pairs = summary_rows(rows, sweep), pair_rows(rows, sweep)
+    add_p_values(summaries, pairs, rows)
     fields = ["run", "strategy", "seeds", "failed", "reached_target"]
     fields += [f for f in ("lr", "selection_runs") if any(f in s for s in summaries)]
-    fields += [f"{c}_{part}" for c in intervals for part in ("mean", "sd", "low", "high")]
-    fields += list(dict.fromkeys(k for s in summaries for k in s if k.endswith(P_VALUES)))
-    with (out / "summary.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
-        writer.writeheader()
-        for summary in summaries:
-            flat = {k: v for k, v in summary.items() if not isinstance(v, Interval)}
-            flat |= {k: _csv_number(v) for k, v in flat.items() if k.endswith(P_VALUES)}
-            for column in intervals:
-                value = summary[column]
-                for part in ("mean", "sd", "low", "high"):
-                    flat[f"{column}_{part}"] = _csv_number(getattr(value, part))
-            writer.writerow(flat)
-    (out / "comparison.md").write_text(comparison_markdown(rows, summaries, sweep), "utf-8")
+    _write_intervals_csv(out / "summary.csv", summaries, fields)
+    if pairs:
+        _write_intervals_csv(out / "pairs.csv", pairs, ["run", "reference", "seeds"])
+    markdown = comparison_markdown(rows, summaries, sweep, pairs)
+    (out / "comparison.md").write_text(markdown, "utf-8")
     # exact match of free-form text is ~0: a generation sweep plots ROUGE-L in its place
     compared = quality(is_generation(rows))[0]
     key, label = compared.key, f"central {compared.label}"
@@ -525,8 +581,34 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, sweep: Sweep) -> Non
         plot_curves(rows, sweep, key, label, out / f"{key}_vs_time.png", "simulated")
 
 
+def _write_intervals_csv(path: Path, entries: list[dict[str, Any]], fields: list[str]) -> None:
+    """A CSV row per entry: ``fields``, then every interval's mean, sd, low and high, then
+    the p-values."""
+    intervals = _interval_columns(entries)
+    fields = fields + [f"{c}_{part}" for c in intervals for part in ("mean", "sd", "low", "high")]
+    fields += list(dict.fromkeys(k for e in entries for k in e if k.endswith(P_VALUES)))
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        for entry in entries:
+            flat = {k: v for k, v in entry.items() if not isinstance(v, Interval)}
+            flat |= {k: _csv_number(v) for k, v in flat.items() if k.endswith(P_VALUES)}
+            for column in intervals:
+                for part in ("mean", "sd", "low", "high"):
+                    flat[f"{column}_{part}"] = _csv_number(getattr(entry[column], part))
+            writer.writerow(flat)
+
+
 def _csv_number(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.6g}"
+
+
+def _cell(entry: dict[str, Any], column: str) -> str:
+    """A table cell: a p-value, or an interval (3 digits for quality and differences)."""
+    if column.endswith(P_VALUES):
+        return _p_text(entry.get(column, math.nan))
+    difference = "_vs_" in column or "_difference" in column
+    return entry[column].format(3 if column in QUALITY or difference else 1)
 
 
 def _p_text(p: float) -> str:
@@ -547,9 +629,13 @@ def _with_last_rounds(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def comparison_markdown(
-    rows: list[dict[str, Any]], summaries: list[dict[str, Any]], sweep: Sweep
+    rows: list[dict[str, Any]],
+    summaries: list[dict[str, Any]],
+    sweep: Sweep,
+    pairs: list[dict[str, Any]],
 ) -> str:
-    """The per-run table over seeds (mean ± 95% interval half-width) and the per-seed table."""
+    """The per-run table over seeds (mean ± 95% interval half-width), the table of the
+    sweep's ``pairs`` and the per-seed table."""
     lines = []
     if len(sweep.seeds) > 1:
         quality = list(GENERATION_QUALITY) if is_generation(rows) else []
@@ -560,8 +646,9 @@ def comparison_markdown(
         columns += on_clients
         bootstrap = f"{compared[0]}_vs_baseline_bootstrap"
         with_bootstrap = any(s.get(bootstrap) and s[bootstrap].n for s in summaries)
+        differences = [*compared, "final_loss"]
         if sweep.baseline is not None:
-            columns += [f"{m}_vs_baseline" for m in (*compared, "final_loss")]
+            columns += [f"{m}_vs_baseline" for m in differences]
             columns += [bootstrap] if with_bootstrap else []
             columns += [f"{compared[0]}_vs_baseline{p}" for p in P_VALUES]
         columns += ["rounds_to_target", "mb_down", "mb_up", "seconds"]
@@ -586,11 +673,11 @@ def comparison_markdown(
             )
             + " Intervals are per comparison, uncorrected for multiple comparisons."
             + (
-                f" `{compared[0]}_vs_baseline_p`: the paired t-test's two-sided p-value of that"
-                " difference; `_p_holm`: the same adjusted by Holm's method over every run"
-                " compared with the baseline in this table (a verdict at a family-wise 5% reads"
-                " it against 0.05)."
-                if sweep.baseline is not None
+                f" `_p`: the paired t-test's two-sided p-value of a difference in {compared[0]};"
+                " `_p_holm`: the same adjusted by Holm's method over every such difference in"
+                " this file (each run's to the baseline, each pair's): a verdict at a"
+                " family-wise 5% reads it against 0.05."
+                if sweep.baseline is not None or pairs
                 else ""
             )
             + (
@@ -619,15 +706,27 @@ def comparison_markdown(
         for summary in summaries:
             cells = [summary["run"], summary["strategy"], str(summary["seeds"])]
             for column in columns:
-                if column.endswith(P_VALUES):
-                    cells.append(_p_text(summary.get(column, math.nan)))
-                    continue
-                digits = 3 if column in QUALITY or "_vs_" in column else 1
-                text = summary[column].format(digits)
+                text = _cell(summary, column)
                 if column.endswith("_to_target") and summary["seeds"]:
                     text = f"{text} ({summary['reached_target']}/{summary['seeds']} reached)"
                 cells.append(text)
             lines.append("| " + " | ".join(cells) + " |")
+        if pairs:
+            pair_columns = [f"{m}_difference" for m in differences]
+            pair_columns += [f"{compared[0]}_difference_bootstrap"] if with_bootstrap else []
+            pair_columns += [f"{compared[0]}_difference{p}" for p in P_VALUES]
+            lines += [
+                "",
+                "Pairs (`pairs`): run − reference, paired by the seeds both finished; the same"
+                " figures, intervals and p-values as the differences to the baseline.",
+                "",
+                "| run | reference | seeds | " + " | ".join(pair_columns) + " |",
+                "|---|---|---|" + "---|" * len(pair_columns),
+            ]
+            for pair in pairs:
+                cells = [pair["run"], pair["reference"], str(pair["seeds"])]
+                cells += [_cell(pair, column) for column in pair_columns]
+                lines.append("| " + " | ".join(cells) + " |")
         selected = [s for s in summaries if "lr" in s]
         if selected:
             lines += [
