@@ -88,6 +88,7 @@ def test_variant_sets_keys_the_scenario_does_not_name(tmp_path, tiny_config):
         ("scenario: base\npairs: [[a, a]]\nruns: {a: {}, b: {}}", "pairs"),
         ("scenario: base\npairs: [a, b]\nruns: {a: {}, b: {}}", "pairs"),
         ("scenario: base\npairs: {a: b}\nruns: {a: {}, b: {}}", "pairs"),
+        ("scenario: base\npairs: [[a, [b]]]\nruns: {a: {}, b: {}}", "pairs"),
     ],
 )
 def test_bad_sweep_files_name_the_key(tmp_path, tiny_config, text, key):

@@ -179,7 +179,7 @@ def _pairs(pairs: Any, runs: dict[str, Any], source: str) -> tuple[tuple[str, st
     for pair in pairs:
         if not (isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1]):
             raise ConfigError("pairs", pair, allowed, source)
-        if not set(pair) <= set(runs):
+        if not all(isinstance(name, str) and name in runs for name in pair):
             raise ConfigError("pairs", pair, allowed, source)
     return tuple((str(run), str(reference)) for run, reference in pairs)
 
