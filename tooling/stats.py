@@ -7,10 +7,10 @@ their method. The interval of a mean over n values x_1..x_n is
     mean +- t_{n-1, (1 + c) / 2} * sd / sqrt(n),    sd the sample standard deviation (n - 1),
 
 and a paired difference is the same interval over d_i = x_i - y_i for the seeds both runs
-finished (y the baseline). With one value there is no interval (NaN). A table that compares
-several runs with one baseline also gives each difference's paired t-test p-value adjusted by
-Holm's method over the table's differences (:func:`holm`), so a verdict can be read at a
-family-wise 5%.
+finished (y the baseline). With one value there is no interval (NaN). A table of paired
+differences (several runs against one baseline, or named pairs) also gives each difference's
+paired t-test p-value (:func:`paired_t_p_value`) adjusted by Holm's method over the table's
+differences (:func:`holm`), so a verdict can be read at a family-wise 5%.
 
 The seed interval does not cover the test set's own sampling: :func:`paired_bootstrap`
 resamples the test examples (the same resample for both runs of a seed: paired) and gives a

@@ -485,18 +485,13 @@ def summary_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any
 def pair_rows(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any]]:
     """Per pair of the sweep's ``pairs``: run - reference of the same figures as a run's
     difference to the baseline (keys ``<figure>_difference``), over the seeds both finished."""
-    return [
-        {
-            "run": run,
-            "reference": reference,
-            "seeds": len(
-                set(seed_values(rows, run, "final_accuracy"))
-                & set(seed_values(rows, reference, "final_accuracy"))
-            ),
-            **paired_figures(rows, run, reference, "_difference"),
-        }
-        for run, reference in sweep.pairs
-    ]
+    pairs = []
+    for name, reference in sweep.pairs:
+        figures = paired_figures(rows, name, reference, "_difference")
+        # the seeds both finished: those the final accuracy's difference is taken over
+        seeds = figures["final_accuracy_difference"].n
+        pairs.append({"run": name, "reference": reference, "seeds": seeds, **figures})
+    return pairs
 
 
 def paired_figures(
