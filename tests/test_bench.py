@@ -306,11 +306,6 @@ def test_interleave_ranks_mixes_every_pack():
     assert [j.n for j in mixed] == [0, 3, 5, 1, 4, 2]
 
 
-def test_bench_items_are_checked():
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--items", "1,8"])
-
-
 def test_round_records_train_seconds_over_configure_to_aggregate():
     def slow_reply(client, msg):
         time.sleep(0.05)

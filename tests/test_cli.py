@@ -9,7 +9,7 @@ import pytest
 
 from hetfed.checkpoint import Checkpoint, save_checkpoint
 from tests.conftest import REPO, TINY_PROFILES, write_scenario
-from tooling.cli import main
+from tooling.cli import main, parser
 
 RANK_METHODS = [
     "fedit",
@@ -122,3 +122,22 @@ def test_resuming_with_fewer_rounds_than_the_checkpoint_holds_is_refused(tmp_pat
     err = capsys.readouterr().err
     assert "key 'num-server-rounds' has value 2" in err and "an integer >= 3" in err
     assert "checkpoint.npz" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "allowed"),
+    [
+        (["sweep", "s.yaml", "--seeds", "1,x"], "comma-separated integer seeds"),
+        (["costs", "scenarios/quickstart", "--ranks", "0,2"], "comma-separated integers >= 1"),
+        (["bench", "--items", "1,8"], "comma-separated items among 1, 2, 3, 4, 5, 6, 7"),
+    ],
+)
+def test_comma_separated_integers_are_refused_naming_what_is_allowed(argv, allowed, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert allowed in capsys.readouterr().err
+
+
+def test_comma_separated_integers_are_read_sorted_without_repeats():
+    assert parser().parse_args(["costs", "x", "--ranks", "8, 2,2"]).ranks == (2, 8)
+    assert parser().parse_args(["sweep", "s.yaml", "--seeds", "0,3,0"]).seeds == [0, 3]

@@ -23,17 +23,40 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hetfed.errors import HetfedError
 from tooling.bench import ITEMS as BENCH_ITEMS
 
 
-def _numbers(text: str) -> tuple[int, ...]:
-    numbers = tuple(sorted({int(i) for i in text.split(",") if i.strip()}))
-    if not numbers or numbers[0] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers >= 1")
+def _integers(
+    text: str, allowed: str, accept: Callable[[int], bool] = lambda number: True
+) -> tuple[int, ...]:
+    """Comma-separated integers, sorted without repeats; ``allowed`` says what may be given."""
+    try:
+        numbers = tuple(sorted({int(i) for i in text.split(",") if i.strip()}))
+    except ValueError:
+        numbers = ()
+    if not numbers or not all(accept(number) for number in numbers):
+        raise argparse.ArgumentTypeError(f"{text!r}: {allowed}")
     return numbers
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    return _integers(text, "comma-separated integers >= 1", lambda rank: rank >= 1)
+
+
+def _seeds(text: str) -> list[int]:
+    return list(_integers(text, "comma-separated integer seeds"))
+
+
+def _bench_items(text: str) -> tuple[int, ...]:
+    return _integers(
+        text,
+        f"comma-separated items among {', '.join(map(str, BENCH_ITEMS))}",
+        lambda item: item in BENCH_ITEMS,
+    )
 
 
 def _names(text: str) -> list[str]:
@@ -41,25 +64,6 @@ def _names(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"{text!r}: comma-separated row names")
     return names
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = sorted({int(i) for i in text.split(",") if i.strip()})
-    except ValueError:
-        seeds = []
-    if not seeds:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integer seeds")
-    return seeds
-
-
-def _bench_items(text: str) -> tuple[int, ...]:
-    items = tuple(sorted({int(i) for i in text.split(",") if i.strip()}))
-    if not items or not set(items) <= set(BENCH_ITEMS):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: comma-separated items among {', '.join(map(str, BENCH_ITEMS))}"
-        )
-    return items
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
     costs = sub.add_parser("costs", help="FLOPs, memory and bytes of each rank and layer budget")
     costs.add_argument("scenario", help="a scenario folder, e.g. scenarios/quickstart")
     costs.add_argument(
-        "--ranks", type=_numbers, default=(1, 2, 4, 8, 16, 32, 64), help="e.g. 1,2,4,8"
+        "--ranks", type=_ranks, default=(1, 2, 4, 8, 16, 32, 64), help="e.g. 1,2,4,8"
     )
     table = sub.add_parser("table", help="compare finished runs in a Markdown table")
     table.add_argument("results", nargs="+", help="results folders (with summary.json)")
