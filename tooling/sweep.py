@@ -653,7 +653,8 @@ def comparison_markdown(
             columns[-1:-1] = ["pruned_replies"]
         on_validation = any(r.get("evaluated_on") == "validation" for r in rows)
         lines += [
-            f"Mean ± 95% interval (Student t) over seeds {', '.join(map(str, sweep.seeds))}"
+            "Mean ± 95% interval (Student t) over the seeds each run finished (`seeds` counts"
+            f" them, of the sweep's {', '.join(map(str, sweep.seeds))})"
             + (
                 f"; `_vs_baseline`: paired difference to `{sweep.baseline}`, same seeds."
                 if sweep.baseline is not None
