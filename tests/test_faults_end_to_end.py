@@ -145,6 +145,7 @@ def _kill_and_resume(config: dict, flower_home: Path, tmp_path: Path) -> Path:
     return killed
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_final_adapter(whole_run, flower_home, tmp_path):
     """Uninterrupted run vs. the same run killed after its first checkpoint and resumed: the
     final adapters agree to 1e-6."""
@@ -226,6 +227,7 @@ def test_sigterm_stops_the_flower_run_too(flower_home, tiny_config, tmp_path):
     assert not (results / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_writes_the_same_results_again(whole_run, run_scenario, tmp_path):
     """``resume = true`` once the run has done all its rounds trains nothing (no node is sent
     anything) and completes; its summary.json, accuracy.png and adapter/, deleted before, are

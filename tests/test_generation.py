@@ -167,6 +167,7 @@ def generation_config(folder, tiny_config) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_generation_end_to_end(run_scenario, tiny_config, tmp_path):
     """A tiny LLaMA learns to write titles through flwr run: the target loss falls, ROUGE-L and
     perplexity are recorded, and the exported adapter, loaded with plain peft, generates
